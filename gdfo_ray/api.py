@@ -1,0 +1,245 @@
+"""``run(config)``: one run, from data to a results directory.
+
+The results directory holds ``config.yaml`` (resolved), ``versions.json``,
+``history.parquet`` (one row per generation), ``best_prompt.json``,
+``student.pt`` (kd, gdfo), ``summary.json`` (test scores) and ``checkpoint.pkl``,
+rewritten atomically after every generation so that ``resume=True`` continues
+from the last completed one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from gdfo_ray.config import GDFOConfig
+from gdfo_ray.driver import Driver, DriverState
+from gdfo_ray.exceptions import ResumeError
+from gdfo_ray.losses import metric
+from gdfo_ray.prompt import PromptSpace, save_prompt
+from gdfo_ray.tasks import load_task
+
+CHECKPOINT = "checkpoint.pkl"
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    summary: dict
+    history: list
+    best_z: Optional[np.ndarray]
+
+
+def versions() -> dict:
+    """Versions of everything that shapes a result."""
+    import cma
+    import pyarrow
+    import torch
+    import transformers
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "numpy": np.__version__,
+           "torch": torch.__version__, "transformers": transformers.__version__, "cma": cma.__version__,
+           "pyarrow": pyarrow.__version__}
+    try:
+        import ray
+
+        out["ray"] = ray.__version__
+    except ImportError:
+        out["ray"] = None
+    from gdfo_ray import __version__
+
+    out["gdfo_ray"] = __version__
+    return out
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool) -> Optional[dict]:
+    """Create or check the directory; returns the checkpoint to resume from, if any."""
+    ckpt_path = os.path.join(out, CHECKPOINT)
+    exists = os.path.exists(ckpt_path)
+    if exists and not (resume or overwrite):
+        raise ResumeError(
+            f"{out} already holds a run. Either pass --resume to continue it, --overwrite to start over, "
+            "or choose another --output-dir."
+        )
+    os.makedirs(out, exist_ok=True)
+    if not (exists and resume):
+        return None
+    with open(ckpt_path, "rb") as f:
+        checkpoint = pickle.load(f)
+    saved = checkpoint["config"]
+    current = config.to_dict()
+    differs = sorted(k for k in _flatten(current) if _flatten(saved).get(k) != _flatten(current).get(k)
+                     and k not in ("output_dir",) and not k.startswith("pool."))
+    if differs:
+        raise ResumeError(
+            f"Cannot resume {out}: the config differs from the saved run in {differs}. Either resume with "
+            "the same settings or choose another --output-dir."
+        )
+    return checkpoint
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "cma_options" and k != "teacher_resources":
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _write_history(out: str, history: list) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = sorted({k for row in history for k in row})
+    columns = {k: [row.get(k) for row in history] for k in keys}
+    table = pa.table({k: pa.array([None if v is None else float(v) for v in vals], pa.float64())
+                      for k, vals in columns.items()})
+    _atomic_write(os.path.join(out, "history.parquet"), lambda f: pq.write_table(table, f))
+
+
+def format_progress(row: dict, budget: int) -> str:
+    parts = [f"gen {row['generation']:3d}", f"calls {row['calls']}/{budget}",
+             f"best {row['fitness_best']:.4f}"]
+    if "fitness_mean" in row:
+        parts.append(f"pop mean {row['fitness_mean']:.4f}")
+    for key, label in (("dev_score", "dev"), ("rho", "rho"), ("fidelity", "fid"), ("kd_loss", "kd")):
+        if row.get(key) is not None and np.isfinite(row[key]):
+            parts.append(f"{label} {row[key]:+.3f}" if key in ("rho", "fidelity") else f"{label} {row[key]:.3f}")
+    parts.append(f"{row['step_s']:.1f}s")
+    return " | ".join(parts)
+
+
+def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
+        progress: Optional[Callable[[str], None]] = print) -> RunResult:
+    """Run one method on one task and write its results directory.
+
+    Args:
+        config: the run's configuration.
+        resume: continue from the last completed generation in ``config.output_dir``.
+        overwrite: start over in a directory that already holds a run.
+        progress: called with one line per generation (None: silent).
+
+    Raises:
+        ResumeError: the directory holds a run and neither resume nor overwrite was asked,
+            or resume was asked with a different config.
+        ConfigError, DataError, ModelNotFoundError, TeacherError: see their docstrings.
+    """
+    say = progress or (lambda _: None)
+    started = time.time()
+    out = config.output_dir or config.default_output_dir()
+    checkpoint = _prepare_output(config, out, resume, overwrite)
+    import yaml
+
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump({**config.to_dict(), "output_dir": out}, f, sort_keys=False)
+    with open(os.path.join(out, "versions.json"), "w") as f:
+        json.dump({**versions(), "seeds": {"run": config.seed, "cma": config.seed + 1,
+                                           "prompt_space": config.seed, "student": config.seed}}, f, indent=2)
+    data = load_task(config.task, config.seed)
+    say(f"[gdfo] {config.method} on {data.spec.name}: {len(data.train)} train / {len(data.dev)} dev / "
+        f"{len(data.test)} test rows from {data.source}")
+    teacher, student, ray_started = _make_pools(config, data)
+    try:
+        info = teacher.describe()
+        space = PromptSpace.create(config.prompt, config.seed, info.hidden_size, info.embedding_std,
+                                   info.vocab_size, teacher.embed_tokens)
+        state = None
+        if checkpoint is not None:
+            state = checkpoint["state"]
+            if student is not None and checkpoint["student"] is not None:
+                student.load_state(checkpoint["student"])
+            say(f"[gdfo] resuming {out} after generation {state.generation} ({state.budget.spent} calls spent)")
+
+        def save(driver: Driver, row: dict) -> None:
+            say(format_progress(row, config.search.budget_calls))
+            payload = {"config": config.to_dict(), "state": driver.state,
+                       "student": student.state() if student is not None else None}
+            _atomic_write(os.path.join(out, CHECKPOINT), lambda f: pickle.dump(payload, f))
+            _write_history(out, driver.state.history)
+
+        driver = Driver(config, data, teacher, student, space, state=state, hooks=(save,))
+        driver.run()
+        summary = _finish(config, driver, data, teacher, student, space, out, say)
+        summary["wall_s"] = time.time() - started
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+        say(f"[gdfo] results in {out}")
+        return RunResult(out, summary, driver.state.history, driver.best_z)
+    finally:
+        if config.pool.backend == "ray":
+            from gdfo_ray.distributed import shutdown_actors
+
+            shutdown_actors(teacher, student)
+            if ray_started:
+                import ray
+
+                ray.shutdown()
+
+
+def _make_pools(config: GDFOConfig, data):
+    if config.pool.backend == "local":
+        from gdfo_ray.student import StudentGroup, StudentTrainer
+        from gdfo_ray.teacher import LocalTeacher, TeacherPool
+
+        teacher = TeacherPool([LocalTeacher(config, data)])
+        student = StudentGroup([StudentTrainer(config, data)]) if config.uses_student else None
+        return teacher, student, False
+    from gdfo_ray.distributed import init_ray, make_ray_student_group, make_ray_teacher_pool
+
+    started = init_ray(config.pool)
+    teacher = make_ray_teacher_pool(config, data)
+    student = make_ray_student_group(config, data) if config.uses_student else None
+    return teacher, student, started
+
+
+def _finish(config, driver: Driver, data, teacher, student, space, out: str, say) -> dict:
+    """Test scores of the manual prompt, the tuned prompt and the student; saves prompt and student."""
+    s = driver.state
+    say(f"[gdfo] scoring on {len(data.test)} test rows")
+    manual, _ = driver.evaluate_prompt(None, "test")
+    z = driver.best_z
+    tuned = manual if z is None else driver.evaluate_prompt(z, "test")[0]
+    test = {"teacher_manual": manual, "teacher_tuned": tuned}
+    if z is not None:
+        save_prompt(os.path.join(out, "best_prompt.json"), z, space,
+                    {"task": data.spec.name, "teacher": config.model.teacher, "method": config.method,
+                     "dev_score": s.best_dev[1]})
+    if student is not None and z is not None:
+        logits = student.predict(z, "test", np.arange(len(data.test)))
+        test["student"] = metric(logits, data.test.label, data.spec.metric)
+        import torch
+
+        torch.save(student.state(), os.path.join(out, "student.pt"))
+    hist = s.history
+    rhos = [r["rho"] for r in hist if r.get("rho") is not None]
+    fids = [r["fidelity"] for r in hist if r.get("fidelity") is not None and np.isfinite(r["fidelity"])]
+    teacher_s = sum(r.get("teacher_s", 0.0) for r in hist)
+    summary = {
+        "task": data.spec.name, "method": config.method, "seed": config.seed, "metric": data.spec.metric,
+        "test": test, "dev_best": s.best_dev[1] if s.best_dev[0] is not None else None,
+        "calls": s.budget.spent, "dev_calls": s.budget.dev_calls, "generations": s.generation,
+        "mean_rho": float(np.mean(rhos)) if rhos else None,
+        "median_fidelity": float(np.median(fids)) if fids else None,
+        "s_per_call": teacher_s / s.budget.spent if s.budget.spent else None,
+        "data_source": data.source, "config": config.to_dict(),
+    }
+    say("[gdfo] test {}: manual prompt {:.4f} | tuned prompt {:.4f}{}".format(
+        data.spec.metric, manual, tuned, f" | student {test['student']:.4f}" if "student" in test else ""))
+    return summary

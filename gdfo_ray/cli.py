@@ -1,0 +1,129 @@
+"""``gdfo``: the command line. Parsing happens in :func:`main`, never at import."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides
+from gdfo_ray.exceptions import GDFOError
+
+log = logging.getLogger("gdfo_ray")
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+class _BaseCommand:
+    help = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        raise NotImplementedError
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+class _Run(_BaseCommand):
+    help = "Tune a prompt for one task with one method (a YAML config plus flag overrides)."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", help="YAML file with a GDFOConfig (sections task, model, search, ...)")
+        parser.add_argument("--task", help="preset (sst2, yelp_polarity, ag_news, dbpedia, mrpc, snli, rte) or custom name")
+        parser.add_argument("--method", choices=METHODS)
+        parser.add_argument("--teacher", help="HF model id or local path of the black-box teacher")
+        parser.add_argument("--student", help="HF model id or local path of the student")
+        parser.add_argument("--budget", type=int, help="black-box calls on the train batch")
+        parser.add_argument("--seed", type=int)
+        parser.add_argument("--data-dir", help="BBT-layout data root (default: $GDFO_DATA_DIR, else the HF Hub)")
+        parser.add_argument("--train-file")
+        parser.add_argument("--dev-file")
+        parser.add_argument("--test-file")
+        parser.add_argument("--output-dir", help="results directory (default runs/<task>_<method>_seed<seed>)")
+        parser.add_argument("--backend", choices=("ray", "local"))
+        parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+        parser.add_argument("--overwrite", action="store_true", help="start over in a directory holding a run")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="any config field, e.g. --set search.popsize=10 (repeatable)")
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        config = build_config(args)
+        from gdfo_ray.api import run
+
+        run(config, resume=args.resume, overwrite=args.overwrite,
+            progress=lambda line: print(line, file=sys.stderr, flush=True))
+        return 0
+
+
+def build_config(args: argparse.Namespace) -> GDFOConfig:
+    """The YAML file (if any), then the flags, then ``--set`` overrides, validated once at the end."""
+    import yaml
+
+    data = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise GDFOError(f"Cannot read config file {args.config!r}: {e}") from e
+    overrides: dict = {}
+    flags = {"task": "task.name", "method": "method", "teacher": "model.teacher", "student": "model.student",
+             "budget": "search.budget_calls", "seed": "seed", "data_dir": "task.data_dir",
+             "train_file": "task.train_file", "dev_file": "task.dev_file", "test_file": "task.test_file",
+             "output_dir": "output_dir", "backend": "pool.backend"}
+    for attr, key in flags.items():
+        value = getattr(args, attr)
+        if value is not None:
+            overrides[key] = value
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise GDFOError(f"--set expects KEY=VALUE, but got {item!r}.")
+        overrides[key.strip()] = _parse_value(value)
+    return GDFOConfig.from_dict(apply_overrides(_deep_merge(GDFOConfig().to_dict(), data), overrides))
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``; unknown keys are kept so that validation names them."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("cma_options",):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_COMMANDS = {"run": _Run}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="gdfo", description="Prompt tuning of black-box LMs by GDFO on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
+    for name, cls in _COMMANDS.items():
+        command = cls()
+        command.add_arguments(sub.add_parser(name, help=cls.help, description=cls.help))
+        commands[name] = command
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    try:
+        return commands[args.command].take_action(args)
+    except GDFOError as e:
+        if args.debug:
+            raise
+        print(f"gdfo {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gdfo: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

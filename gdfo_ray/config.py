@@ -1,0 +1,423 @@
+"""Typed run configuration, one frozen dataclass per role, validated on construction.
+
+Only the standard library is used here, so a config can be built, checked and
+written (YAML/JSON) on a machine without torch or Ray, e.g. by a campaign
+planner. Defaults are the embedded defaults of ``make run``: GDFO on SST-2,
+seed 42, SmolLM2-135M-Instruct as the black box, all-MiniLM-L6-v2 as the student,
+with a budget that fits a 2-core laptop in a few minutes. The published BBT
+setting is ``intrinsic_dim=500, n_prompt_tokens=50, popsize=20, budget_calls=8000``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from gdfo_ray.exceptions import ConfigError
+
+METHODS = ("manual", "bbt", "kd", "gdfo", "white_box")
+LOSSES = ("ce", "hinge")
+MODEL_KINDS = ("auto", "causal_lm", "masked_lm", "encoder")
+BACKENDS = ("ray", "local")
+CONTROLS = ("none", "random")
+PROMPT_INITS = ("vocab", "zeros")
+DTYPES = ("float32", "bfloat16", "float16")
+
+DATA_DIR_ENV = "GDFO_DATA_DIR"
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {list(allowed)}, but got {value!r}.")
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a finite number {bound}, but got {value!r}.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, but got {value!r}.")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Which task, and where its data comes from.
+
+    Args:
+        name: a preset (``sst2``, ``yelp_polarity``, ``ag_news``, ``dbpedia``, ``mrpc``,
+            ``snli``, ``rte``) or any other name for a custom task, which then needs
+            ``labels``, ``verbalizer``, ``template`` and data files.
+        data_dir: root of BBT-layout data (``<task>/16-shot/<seed>/{train,dev}.jsonl``,
+            ``<task>/test.jsonl``). Defaults to ``$GDFO_DATA_DIR``; with neither, and no
+            files, the task loads from the Hugging Face Hub.
+        split_seed: which few-shot split to use; defaults to the run seed.
+        train_file, dev_file, test_file: the user's own data (JSONL, CSV, TSV or Parquet).
+        hf_dataset: a Hub dataset id (``name`` or ``name/config``) overriding the preset's.
+        template: overrides the preset template; placeholders ``{prompt}``, ``{text}``,
+            ``{text_pair}``, ``{mask}`` (the label slot; for causal LMs it must end the template).
+        verbalizer: one word per class, each a single token in every model's tokenizer.
+        labels: class names, index = integer label (needed for custom tasks).
+        pair: whether examples are text pairs (custom tasks).
+        metric: ``accuracy`` or ``f1`` (binary, positive class 1).
+        shots: examples per class in train and in dev when sampling from the Hub.
+        max_text_tokens: each text field is cut to this many tokens.
+        max_test_examples: evaluate on a seeded subsample of the test set (None: all).
+    """
+
+    name: str = "sst2"
+    data_dir: Optional[str] = None
+    split_seed: Optional[int] = None
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    test_file: Optional[str] = None
+    hf_dataset: Optional[str] = None
+    template: Optional[str] = None
+    verbalizer: Optional[tuple] = None
+    labels: Optional[tuple] = None
+    pair: Optional[bool] = None
+    metric: Optional[str] = None
+    shots: int = 16
+    max_text_tokens: int = 128
+    max_test_examples: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"task.name must be a non-empty string, but got {self.name!r}.")
+        if self.metric is not None:
+            _check_choice("task.metric", self.metric, ("accuracy", "f1"))
+        _check_int("task.shots", self.shots, 1)
+        _check_int("task.max_text_tokens", self.max_text_tokens, 1)
+        if self.max_test_examples is not None:
+            _check_int("task.max_test_examples", self.max_test_examples, 1)
+        if (self.dev_file or self.test_file) and not self.train_file:
+            raise ConfigError(
+                "task.dev_file/test_file were given without task.train_file. "
+                "Either pass all three files or none of them."
+            )
+        for name in ("verbalizer", "labels"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+    def resolved_data_dir(self) -> Optional[str]:
+        """The BBT-layout data root: the field, else ``$GDFO_DATA_DIR``, else None."""
+        return self.data_dir or os.environ.get(DATA_DIR_ENV) or None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The black-box teacher and the local student.
+
+    Args:
+        teacher: HF model id or local path of the teacher (masked or causal LM).
+        student: HF model id or local path of the student (encoder, masked or causal LM).
+        teacher_kind, student_kind: ``auto`` reads the model config.
+        dtype: teacher weights' dtype (the student always trains in float32).
+        device: ``auto`` (a GPU where the actor has one, else CPU), ``cpu`` or ``cuda[:i]``.
+        max_rows_per_forward: population x examples rows in one forward (memory bound).
+    """
+
+    teacher: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    student: str = "sentence-transformers/all-MiniLM-L6-v2"
+    teacher_kind: str = "auto"
+    student_kind: str = "auto"
+    dtype: str = "float32"
+    device: str = "auto"
+    max_rows_per_forward: int = 256
+
+    def __post_init__(self) -> None:
+        _check_choice("model.teacher_kind", self.teacher_kind, MODEL_KINDS)
+        _check_choice("model.student_kind", self.student_kind, MODEL_KINDS)
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"model.device must be 'auto', 'cpu' or 'cuda[:i]', but got {self.device!r}.")
+        _check_int("model.max_rows_per_forward", self.max_rows_per_forward, 1)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The intrinsic space: P(z) = P0 + A z (METHOD.md, Objects).
+
+    Args:
+        intrinsic_dim: d, the dimension of z.
+        n_prompt_tokens: n, the number of prompt embeddings prepended at ``{prompt}``.
+        alpha: scale of A's std relative to std(word embeddings) / sqrt(d).
+        init: P0 from n random vocabulary tokens (``vocab``, BBT) or ``zeros``.
+    """
+
+    intrinsic_dim: int = 100
+    n_prompt_tokens: int = 10
+    alpha: float = 1.0
+    init: str = "vocab"
+
+    def __post_init__(self) -> None:
+        _check_int("prompt.intrinsic_dim", self.intrinsic_dim, 1)
+        _check_int("prompt.n_prompt_tokens", self.n_prompt_tokens, 1)
+        _check_positive("prompt.alpha", self.alpha)
+        _check_choice("prompt.init", self.init, PROMPT_INITS)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Black-box search and budget.
+
+    Args:
+        budget_calls: black-box calls to spend on the train batch (one call = one prompt
+            on one batch). Dev evaluations are counted apart, as in BBT.
+        popsize: lambda; None derives ``4 + int(3 ln d)`` (pycma's default).
+        sigma0: CMA-ES initial step size.
+        loss: fitness ``ce`` or ``hinge``; None takes the task's default.
+        eval_every_calls: E, dev evaluation period in calls.
+        cma_options: passed through to ``cma.CMAEvolutionStrategy`` (``popsize``,
+            ``seed`` and ``sigma0`` are set from the fields above and refused here).
+        white_box_lr: Adam learning rate on z for the ``white_box`` method.
+    """
+
+    budget_calls: int = 100
+    popsize: Optional[int] = None
+    sigma0: float = 1.0
+    loss: Optional[str] = None
+    eval_every_calls: int = 20
+    cma_options: Mapping[str, Any] = field(default_factory=dict)
+    white_box_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_int("search.budget_calls", self.budget_calls, 0)
+        if self.popsize is not None:
+            _check_int("search.popsize", self.popsize, 2)
+        _check_positive("search.sigma0", self.sigma0)
+        if self.loss is not None:
+            _check_choice("search.loss", self.loss, LOSSES)
+        _check_int("search.eval_every_calls", self.eval_every_calls, 1)
+        _check_positive("search.white_box_lr", self.white_box_lr)
+        clash = sorted({"popsize", "seed", "sigma0", "CMA_seed"} & set(self.cma_options))
+        if clash:
+            raise ConfigError(
+                f"search.cma_options sets {clash}, which are configured by their own fields. "
+                "Either set search.popsize / search.sigma0 / seed or remove them from cma_options."
+            )
+        object.__setattr__(self, "cma_options", dict(self.cma_options))
+
+    def resolved_popsize(self, intrinsic_dim: int) -> int:
+        """lambda, derived in one place as an integer (purecma's default)."""
+        return self.popsize if self.popsize is not None else 4 + int(3 * math.log(intrinsic_dim))
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Distillation of the teacher into the local student (METHOD.md, step 3).
+
+    Args:
+        k_steps: K, optimizer steps on the replay buffer per generation.
+        batch_rows: (candidate, example) rows per step, split across workers.
+        lr: Adam learning rate of the head (and body, if trained).
+        projection_lr: Adam learning rate of the learned projection A_S and P0_S.
+        tau: distillation temperature.
+        beta: weight of the cross-entropy on gold labels.
+        rank_weight: weight of a pairwise ranking term over each population's fitness
+            (student ordering matched to the teacher's); 0 disables it.
+        buffer_candidates: replay buffer bound, in candidates (each holds its batch's logits).
+        train_body: also fine-tune the student's transformer body.
+    """
+
+    k_steps: int = 10
+    batch_rows: int = 64
+    lr: float = 1e-3
+    projection_lr: float = 1e-3
+    tau: float = 2.0
+    beta: float = 0.1
+    rank_weight: float = 0.0
+    buffer_candidates: int = 2000
+    train_body: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("student.k_steps", self.k_steps, 0)
+        _check_int("student.batch_rows", self.batch_rows, 1)
+        _check_positive("student.lr", self.lr)
+        _check_positive("student.projection_lr", self.projection_lr)
+        _check_positive("student.tau", self.tau)
+        _check_positive("student.beta", self.beta, allow_zero=True)
+        _check_positive("student.rank_weight", self.rank_weight, allow_zero=True)
+        _check_int("student.buffer_candidates", self.buffer_candidates, 1)
+
+
+@dataclass(frozen=True)
+class HarmonizeConfig:
+    """The harmonized update (METHOD.md, step 5).
+
+    Args:
+        eta: gradient step length in units of sigma * sqrt(d).
+        gamma: how far the mean moves toward z_GD, scaled by max(rho, 0); 0 = inject only.
+        control: ``random`` replaces -g by a random direction of the same step length.
+    """
+
+    eta: float = 0.5
+    gamma: float = 0.5
+    control: str = "none"
+
+    def __post_init__(self) -> None:
+        _check_positive("harmonize.eta", self.eta, allow_zero=True)
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"harmonize.gamma must be in [0, 1], but got {self.gamma!r}.")
+        _check_choice("harmonize.control", self.control, CONTROLS)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Where the work runs.
+
+    Args:
+        backend: ``ray`` (actors; starts Ray locally unless ``ray_address`` or
+            ``$RAY_ADDRESS`` names a cluster) or ``local`` (same code, in-process).
+        ray_address: an existing cluster to join.
+        n_teacher_actors: teacher-query actors evaluating candidates in parallel.
+        n_student_workers: student workers, data-parallel (gradients averaged).
+        teacher_num_cpus, student_num_cpus, teacher_num_gpus, student_num_gpus: each
+            actor's resource request (fractions allowed). ``student_num_gpus=None`` asks
+            for one GPU per worker when the cluster has GPUs, else none.
+        teacher_resources: extra custom resources per teacher actor (e.g. ``{"teacher": 1}``).
+        torch_threads: intra-op threads per actor; 0 uses every core of the node, since
+            the teacher and student take turns rather than run together on a laptop.
+        ray_num_cpus: CPUs of a Ray instance started locally (None: all).
+    """
+
+    backend: str = "ray"
+    ray_address: Optional[str] = None
+    n_teacher_actors: int = 1
+    n_student_workers: int = 1
+    teacher_num_cpus: float = 1.0
+    student_num_cpus: float = 1.0
+    teacher_num_gpus: float = 0.0
+    student_num_gpus: Optional[float] = None
+    teacher_resources: Mapping[str, float] = field(default_factory=dict)
+    torch_threads: int = 0
+    ray_num_cpus: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("pool.backend", self.backend, BACKENDS)
+        _check_int("pool.n_teacher_actors", self.n_teacher_actors, 1)
+        _check_int("pool.n_student_workers", self.n_student_workers, 1)
+        _check_positive("pool.teacher_num_cpus", self.teacher_num_cpus, allow_zero=True)
+        _check_positive("pool.student_num_cpus", self.student_num_cpus, allow_zero=True)
+        _check_positive("pool.teacher_num_gpus", self.teacher_num_gpus, allow_zero=True)
+        if self.student_num_gpus is not None:
+            _check_positive("pool.student_num_gpus", self.student_num_gpus, allow_zero=True)
+        _check_int("pool.torch_threads", self.torch_threads, 0)
+        object.__setattr__(self, "teacher_resources", dict(self.teacher_resources))
+
+
+@dataclass(frozen=True)
+class GDFOConfig:
+    """Everything one run needs; ``asdict(config)`` is stored with every result.
+
+    Example:
+        .. code-block:: python
+
+            from gdfo_ray import GDFOConfig, run
+            config = GDFOConfig.from_dict({"method": "bbt", "search": {"budget_calls": 40}})
+            result = run(config)
+    """
+
+    method: str = "gdfo"
+    seed: int = 42
+    output_dir: Optional[str] = None
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    harmonize: HarmonizeConfig = field(default_factory=HarmonizeConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_int("seed", self.seed, 0)
+        popsize = self.search.resolved_popsize(self.prompt.intrinsic_dim)
+        per_generation = 1 if self.method == "white_box" else popsize
+        if self.method != "manual" and self.search.budget_calls < per_generation:
+            raise ConfigError(
+                f"search.budget_calls={self.search.budget_calls} is smaller than one generation "
+                f"of method {self.method!r} ({per_generation} calls). Either raise "
+                "search.budget_calls or lower search.popsize."
+            )
+
+    @property
+    def uses_student(self) -> bool:
+        return self.method in ("kd", "gdfo")
+
+    @property
+    def popsize(self) -> int:
+        return self.search.resolved_popsize(self.prompt.intrinsic_dim)
+
+    def default_output_dir(self) -> str:
+        """``runs/<task>_<method>_seed<seed>``: stable, so ``--resume`` finds it."""
+        suffix = "_random" if self.method == "gdfo" and self.harmonize.control == "random" else ""
+        return os.path.join("runs", f"{self.task.name}_{self.method}{suffix}_seed{self.seed}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GDFOConfig":
+        """Build from a nested dict (a YAML file), refusing unknown keys by name."""
+        return _build(cls, data, prefix="")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "GDFOConfig":
+        """A copy with dotted-key overrides applied, e.g. ``{"search.popsize": 10}``."""
+        return GDFOConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
+    """Set dotted keys in a nested config dict, refusing unknown ones by name."""
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"Unknown config section {part!r} in override {key!r}.")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(_unknown_key_message(key, list(node)))
+        node[parts[-1]] = value
+    return data
+
+
+def _unknown_key_message(key: str, valid: list) -> str:
+    similar = difflib.get_close_matches(key.split(".")[-1], valid, n=3)
+    hint = f" Similar valid keys: {similar}." if similar else ""
+    return f"{key!r} is not a valid config key.{hint} Valid keys here: {sorted(valid)}."
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"Config section {prefix or '<root>'!r} must be a mapping, but got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + key, list(fields)))
+        nested = _SECTIONS.get(key) if cls is GDFOConfig else None
+        kwargs[key] = _build(nested, value, prefix + key + ".") if nested else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a value of the wrong type deep inside a check
+        raise ConfigError(f"Invalid value in config section {prefix or '<root>'!r}: {e}") from e
+
+
+_SECTIONS = {
+    "task": TaskConfig,
+    "model": ModelConfig,
+    "prompt": PromptConfig,
+    "search": SearchConfig,
+    "student": StudentConfig,
+    "harmonize": HarmonizeConfig,
+    "pool": PoolConfig,
+}

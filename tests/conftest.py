@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random models built from configs, and a tiny BBT-layout task."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+WORDS = ("the movie was good bad great fine awful plot acting story fun dull it a an and but not very "
+         "is so film one news sports world business tech yes no maybe question answer was about this").split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + sorted(set(WORDS)) + [".", "?", ",", ":", "[", "]"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", mask_token="[MASK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", bos_token="[BOS]")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Paths of a tiny causal LM, masked LM and encoder sharing one word-level tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = make_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    built = {
+        "causal": LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128, pad_token_id=0)),
+        "masked": BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             max_position_embeddings=128)),
+        "encoder": BertModel(BertConfig(vocab_size=vocab, hidden_size=24, intermediate_size=48,
+                                        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=128)),
+    }
+    paths = {}
+    for name, model in built.items():
+        path = str(root / name)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+def _rows(n: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        word = ["bad", "awful", "dull"][i % 3] if label == 0 else ["good", "great", "fun"][i % 3]
+        filler = rng.choice(["the movie", "the plot", "the acting", "the story", "it"])
+        rows.append({"text": f"{filler} was very {word}", "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """A BBT-layout data root with an sst2-shaped task (4 per class in train and dev)."""
+    root = tmp_path_factory.mktemp("data")
+    seed_dir = root / "sst2" / "16-shot" / "42"
+    seed_dir.mkdir(parents=True)
+    for name, rows in (("train", _rows(8, 1)), ("dev", _rows(8, 2))):
+        (seed_dir / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (root / "sst2" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(12, 3)))
+    return str(root)
+
+
+@pytest.fixture
+def tiny_config(tiny_models, tiny_data_dir, tmp_path):
+    """A GDFO config on tiny models, in-process, finishing in seconds."""
+    from gdfo_ray import GDFOConfig
+
+    def build(**overrides):
+        data = {
+            "method": "gdfo", "seed": 42, "output_dir": str(tmp_path / "run"),
+            "task": {"name": "sst2", "data_dir": tiny_data_dir},
+            "model": {"teacher": tiny_models["causal"], "student": tiny_models["encoder"]},
+            "prompt": {"intrinsic_dim": 8, "n_prompt_tokens": 2},
+            "search": {"budget_calls": 24, "popsize": 4, "eval_every_calls": 8},
+            "student": {"k_steps": 2, "batch_rows": 8},
+            "pool": {"backend": "local", "torch_threads": 1},
+        }
+        config = GDFOConfig.from_dict(data)
+        return config.with_overrides(overrides) if overrides else config
+
+    return build
+

@@ -1,0 +1,83 @@
+"""Whole runs on tiny models, in-process: outputs, resume, and every method through one loop."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from gdfo_ray import ResumeError
+from gdfo_ray.api import run
+from gdfo_ray.config import METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_and_writes_its_outputs(tiny_config, method):
+    config = tiny_config(method=method)
+    result = run(config, progress=None)
+    out = result.output_dir
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary["test"]) >= {"teacher_manual", "teacher_tuned"}
+    assert summary["calls"] <= config.search.budget_calls
+    assert os.path.exists(os.path.join(out, "config.yaml")) and os.path.exists(os.path.join(out, "versions.json"))
+    if method == "manual":
+        assert summary["calls"] == 0 and result.best_z is None
+        return
+    history = pq.read_table(os.path.join(out, "history.parquet")).to_pylist()
+    assert len(history) == summary["generations"] > 0
+    assert {"calls", "fitness_best", "teacher_s", "step_s"} <= set(history[0])
+    assert os.path.exists(os.path.join(out, "best_prompt.json"))
+    if method in ("kd", "gdfo"):
+        assert "student" in summary["test"] and os.path.exists(os.path.join(out, "student.pt"))
+        assert summary["median_fidelity"] is not None
+
+
+def test_existing_run_is_not_overwritten_silently(tiny_config):
+    config = tiny_config(method="bbt")
+    run(config, progress=None)
+    with pytest.raises(ResumeError, match="--resume"):
+        run(config, progress=None)
+    with pytest.raises(ResumeError, match=r"differs .*search.popsize"):
+        run(config.with_overrides({"search.popsize": 6}), resume=True, progress=None)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    full = run(tiny_config(output_dir=str(tmp_path / "full")), progress=None)
+
+    import gdfo_ray.api as api
+
+    real_write = api._write_history
+    def crash_after_two(out, history):
+        real_write(out, history)
+        if len(history) == 2:
+            raise _Crash()
+    monkeypatch.setattr(api, "_write_history", crash_after_two)
+    config = tiny_config(output_dir=str(tmp_path / "cut"))
+    with pytest.raises(_Crash):
+        run(config, progress=None)
+    with open(tmp_path / "cut" / "checkpoint.pkl", "rb") as f:
+        assert pickle.load(f)["state"].generation == 2
+    monkeypatch.setattr(api, "_write_history", real_write)
+    resumed = run(config, resume=True, progress=None)
+    assert [r["calls"] for r in resumed.history] == [r["calls"] for r in full.history]
+    np.testing.assert_allclose([r["fitness_best"] for r in resumed.history],
+                               [r["fitness_best"] for r in full.history], rtol=1e-5)
+    np.testing.assert_allclose(resumed.best_z, full.best_z, rtol=1e-5)
+    assert resumed.summary["test"] == pytest.approx(full.summary["test"])
+
+
+def test_masked_lm_teacher_and_custom_files(tiny_config, tiny_models, tiny_data_dir):
+    base = os.path.join(tiny_data_dir, "sst2")
+    config = tiny_config(method="bbt").with_overrides({
+        "model.teacher": tiny_models["masked"], "task.name": "movie", "task.labels": ["neg", "pos"],
+        "task.verbalizer": ["bad", "great"], "task.template": "{prompt} {text} . it was {mask} .",
+        "task.data_dir": None, "task.train_file": os.path.join(base, "16-shot/42/train.jsonl"),
+        "task.dev_file": os.path.join(base, "16-shot/42/dev.jsonl"), "task.test_file": os.path.join(base, "test.jsonl")})
+    result = run(config, progress=None)
+    assert result.summary["task"] == "movie" and result.summary["calls"] == 24

@@ -1,0 +1,47 @@
+import pytest
+
+from gdfo_ray import ConfigError, GDFOConfig
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"method": "sgd"}, "method must be one of"),
+    ({"seed": -1}, "seed must be an integer"),
+    ({"prompt": {"intrinsic_dim": 0}}, "prompt.intrinsic_dim"),
+    ({"prompt": {"init": "ones"}}, "prompt.init must be one of"),
+    ({"search": {"popsize": 1}}, "search.popsize"),
+    ({"search": {"loss": "mse"}}, "search.loss must be one of"),
+    ({"search": {"sigma0": float("nan")}}, "search.sigma0"),
+    ({"search": {"cma_options": {"popsize": 3}}}, "configured by their own fields"),
+    ({"harmonize": {"gamma": 1.5}}, r"harmonize.gamma must be in \[0, 1\]"),
+    ({"harmonize": {"control": "zero"}}, "harmonize.control"),
+    ({"pool": {"backend": "spark"}}, "pool.backend"),
+    ({"model": {"teacher_kind": "seq2seq"}}, "model.teacher_kind"),
+    ({"model": {"device": "tpu"}}, "model.device"),
+    ({"task": {"metric": "auc"}}, "task.metric"),
+    ({"task": {"test_file": "t.jsonl"}}, "without task.train_file"),
+    ({"student": {"tau": 0}}, "student.tau"),
+    ({"searhc": {}}, "'searhc' is not a valid config key"),
+    ({"search": {"budget": 5}}, "Similar valid keys: \\['budget_calls'\\]"),
+])
+def test_invalid_values_are_refused_by_name(data, match):
+    with pytest.raises(ConfigError, match=match):
+        GDFOConfig.from_dict(data)
+
+
+def test_budget_smaller_than_one_generation_is_refused():
+    with pytest.raises(ConfigError, match="smaller than one generation"):
+        GDFOConfig.from_dict({"search": {"budget_calls": 5, "popsize": 6}})
+    GDFOConfig.from_dict({"method": "white_box", "search": {"budget_calls": 1}})  # one call is one step
+    GDFOConfig.from_dict({"method": "manual", "search": {"budget_calls": 0}})
+
+
+def test_popsize_default_is_derived_once():
+    assert GDFOConfig.from_dict({"prompt": {"intrinsic_dim": 500}}).popsize == 4 + int(3 * 6.2146)
+
+
+def test_overrides_roundtrip_and_unknown_keys():
+    config = GDFOConfig().with_overrides({"search.popsize": 10, "task.name": "rte"})
+    assert config.search.popsize == 10 and config.task.name == "rte"
+    assert GDFOConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="not a valid config key"):
+        GDFOConfig().with_overrides({"search.pop": 3})

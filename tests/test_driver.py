@@ -1,0 +1,135 @@
+"""The driver on a synthetic black box where a linear student can be a perfect surrogate."""
+
+import numpy as np
+import pytest
+import torch
+
+from gdfo_ray import GDFOConfig, TeacherError
+from gdfo_ray.driver import Driver
+from gdfo_ray.losses import kd_loss, task_loss
+from gdfo_ray.prompt import PromptSpace, PromptSpaceSpec
+from gdfo_ray.tasks import PRESETS, Split, TaskData
+
+D, N, H, R, B = 40, 2, 8, 10, 16
+
+
+class SyntheticTeacher:
+    """logits(P, x_b) = X_b @ V vec(P): linear in the prompt, so in z as well."""
+
+    def __init__(self, seed=0, nan_after=None):
+        rng = np.random.default_rng(seed)
+        self.V = rng.normal(size=(R, N * H))
+        self.X = {s: rng.normal(size=(B, 2, R)) for s in ("train", "dev", "test")}
+        self.calls = 0
+        self.nan_after = nan_after
+
+    def query(self, prompts, split, ids):
+        self.calls += len(prompts)
+        feats = np.asarray(prompts).reshape(len(prompts), -1) @ self.V.T  # (k, R)
+        logits = np.einsum("bcr,kr->kbc", self.X[split][ids], feats)
+        if self.nan_after is not None and self.calls > self.nan_after:
+            logits[-1, 0, 0] = np.nan
+        return logits
+
+
+class SurrogateStudent:
+    """A linear student X_b @ (W z + c); W = V A^T makes it exact. Trained only by distillation."""
+
+    def __init__(self, teacher, lr=0.05):
+        self.X = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in teacher.X.items()}
+        self.W = torch.zeros(R, D, requires_grad=True)
+        self.c = torch.zeros(R, requires_grad=True)
+        self.opt = torch.optim.Adam([self.W, self.c], lr=lr)
+        self.labels = None
+
+    def _logits(self, z, rows, split):
+        return torch.einsum("ncr,nr->nc", self.X[split][rows], z @ self.W.T + self.c)
+
+    def distill(self, batches):
+        for batch in batches:
+            self.opt.zero_grad()
+            z = torch.as_tensor(batch.z, dtype=torch.float32)
+            loss = kd_loss(self._logits(z, torch.as_tensor(batch.rows), "train"),
+                           torch.as_tensor(batch.teacher), torch.as_tensor(batch.labels), 1.0, 0.0)
+            loss.backward()
+            self.opt.step()
+        return loss.item()
+
+    def _fitness(self, Z):
+        k = Z.shape[0]
+        rows = torch.arange(B).repeat(k)
+        logits = self._logits(Z.repeat_interleave(B, 0), rows, "train").view(k, B, 2)
+        return task_loss(logits, self.labels.expand(k, -1), "ce")
+
+    def predict_fitness(self, Z):
+        with torch.no_grad():
+            return self._fitness(torch.as_tensor(Z, dtype=torch.float32)).numpy()
+
+    def grad_z(self, z):
+        zt = torch.as_tensor(z, dtype=torch.float32).reshape(1, -1).requires_grad_(True)
+        loss = self._fitness(zt)[0]
+        (g,) = torch.autograd.grad(loss, zt)
+        return loss.item(), g[0].numpy()
+
+
+def _setup(method, seed, budget=320, control="none", nan_after=None):
+    config = GDFOConfig.from_dict({
+        "method": method, "seed": seed, "prompt": {"intrinsic_dim": D, "n_prompt_tokens": N},
+        "search": {"budget_calls": budget, "popsize": 8, "sigma0": 0.2, "eval_every_calls": 40, "loss": "ce"},
+        "student": {"k_steps": 30, "batch_rows": 64},
+        "harmonize": {"eta": 0.5, "gamma": 0.5, "control": control},
+    })
+    teacher = SyntheticTeacher(seed, nan_after)
+    space = PromptSpace(PromptSpaceSpec(D, N, H, 1.0, 1.0, "zeros", seed, ()))
+    # Labels are the teacher's own answers at a hidden z*, so the loss can approach 0.
+    z_star = np.random.default_rng(seed + 100).normal(size=D) * 3
+    labels = teacher.query(space.project(z_star), "train", np.arange(B))[0].argmax(-1)
+    teacher.calls = 0
+    split = Split(["x"] * B, None, labels)
+    data = TaskData(PRESETS["sst2"], split, split, split, "synthetic")
+    student = SurrogateStudent(teacher)
+    student.labels = torch.as_tensor(labels)
+    return Driver(config, data, teacher, student if config.uses_student else None, space), teacher
+
+
+def _calls_to_reach(history, target):
+    return next((row["calls"] for row in history if row["fitness_best"] <= target), float("inf"))
+
+
+def test_gdfo_reaches_target_in_clearly_fewer_calls_than_bbt():
+    target = 0.1
+    gdfo, bbt = [], []
+    for seed in range(5):
+        for method, out in (("gdfo", gdfo), ("bbt", bbt)):
+            driver, _ = _setup(method, seed)
+            out.append(_calls_to_reach(driver.run().history, target))
+    assert np.median(gdfo) < 0.7 * np.median(bbt), (gdfo, bbt)
+
+
+def test_budget_is_never_exceeded_and_teacher_calls_match():
+    for method in ("bbt", "gdfo", "kd"):
+        driver, teacher = _setup(method, 0, budget=30)
+        state = driver.run()
+        assert state.budget.spent == 24 == teacher.calls - state.budget.dev_calls
+        assert [r["calls"] for r in state.history] == [8, 16, 24]
+
+
+def test_injected_gradient_candidate_is_ranked_and_diagnostics_recorded():
+    driver, _ = _setup("gdfo", 1, budget=40)
+    history = driver.run().history
+    assert history[0]["z_gd_rank"] is None
+    assert all(1 <= r["z_gd_rank"] <= 8 for r in history[1:])
+    for key in ("rho", "fidelity", "kd_loss", "student_loss", "teacher_s", "student_s"):
+        assert key in history[-1]
+
+
+def test_random_control_moves_by_the_same_length_elsewhere():
+    driver, _ = _setup("gdfo", 2, budget=40, control="random")
+    history = driver.run().history
+    assert len(history) == 5 and all(-1 <= r["rho"] <= 1 for r in history)
+
+
+def test_nan_from_teacher_stops_with_the_candidate_named():
+    driver, _ = _setup("bbt", 0, nan_after=10)
+    with pytest.raises(TeacherError, match=r"candidate\(s\) \[7\]"):
+        driver.run()

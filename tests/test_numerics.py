@@ -1,0 +1,88 @@
+"""Pure functions: losses, metrics, ranks, the harmonized update, the budget, the prompt space."""
+
+import numpy as np
+import pytest
+import torch
+
+from gdfo_ray.budget import CallBudget
+from gdfo_ray.exceptions import BudgetExhaustedError
+from gdfo_ray.harmonize import harmonize
+from gdfo_ray.losses import fitness, kd_loss, metric, pairwise_rank_loss, spearman
+from gdfo_ray.prompt import PromptSpace, PromptSpaceSpec, load_prompt, save_prompt
+
+
+def test_ce_fitness_matches_definition():
+    logits = np.array([[[2.0, 0.0], [0.0, 1.0]]])
+    labels = np.array([0, 0])
+    expected = -np.mean([np.log(np.exp(2) / (np.exp(2) + 1)), np.log(1 / (1 + np.e))])
+    assert fitness(logits, labels, "ce")[0] == pytest.approx(expected)
+
+
+def test_hinge_is_zero_beyond_margin_and_linear_inside():
+    assert fitness(np.array([[[3.0, 0.0, 0.5]]]), np.array([0]), "hinge")[0] == 0.0
+    assert fitness(np.array([[[1.0, 0.0]]]), np.array([0]), "hinge")[0] == pytest.approx(1.0)
+
+
+def test_kd_loss_vanishes_when_student_equals_teacher():
+    y = torch.randn(5, 3)
+    assert float(kd_loss(y, y, torch.zeros(5, dtype=torch.long), tau=2.0, beta=0.0)) == pytest.approx(0, abs=1e-6)
+    assert float(kd_loss(y, y + torch.randn(5, 3), torch.zeros(5, dtype=torch.long), 2.0, 0.0)) > 0
+
+
+def test_rank_loss_prefers_matching_order():
+    target = torch.tensor([0.1, 0.2, 0.3])
+    assert pairwise_rank_loss(target * 10, target) < pairwise_rank_loss(-target * 10, target)
+
+
+def test_metrics():
+    logits = np.array([[0, 1], [0, 1], [1, 0], [1, 0]], dtype=float)
+    labels = np.array([1, 0, 1, 0])
+    assert metric(logits, labels, "accuracy") == 0.5
+    assert metric(logits, labels, "f1") == pytest.approx(0.5)  # tp=1, fp=1, fn=1
+
+
+def test_spearman_handles_ties_and_constants():
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([1, 2, 3, 4.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 2, 3.0]), np.array([3, 2, 1.0])) == pytest.approx(-1.0)
+    assert np.isnan(spearman(np.array([1, 2, 3.0]), np.ones(3)))
+
+
+def test_harmonize_step_length_and_gating():
+    rng = np.random.default_rng(0)
+    d = 50
+    m_prev, m_new, g = rng.normal(size=d), rng.normal(size=d), rng.normal(size=d)
+    h = harmonize(m_prev, m_new, 0.3, g, eta=0.5, gamma=1.0)
+    assert np.linalg.norm(h.z_gd - m_new) == pytest.approx(0.5 * 0.3 * np.sqrt(d))
+    assert -1 <= h.rho <= 1
+    expected_shift = max(h.rho, 0) * (h.z_gd - m_new)
+    np.testing.assert_allclose(h.m_next - m_new, expected_shift)
+    inject_only = harmonize(m_prev, m_new, 0.3, g, eta=0.5, gamma=0.0)
+    np.testing.assert_array_equal(inject_only.m_next, m_new)
+    # A gradient that disagrees with CMA's move never moves the mean.
+    against = harmonize(np.zeros(2), np.array([1.0, 0.0]), 1.0, np.array([1.0, 0.0]), 0.5, 1.0)
+    assert against.rho == pytest.approx(-1.0)
+    np.testing.assert_array_equal(against.m_next, [1.0, 0.0])
+    zero = harmonize(m_prev, m_new, 0.3, np.zeros(d), 0.5, 1.0)
+    assert zero.rho == 0.0 and np.array_equal(zero.m_next, m_new)
+
+
+def test_budget_is_never_exceeded():
+    budget = CallBudget(total=10)
+    budget.charge(6)
+    assert not budget.can_afford(5)
+    with pytest.raises(BudgetExhaustedError, match="6 of 10 spent"):
+        budget.charge(5)
+    assert budget.spent == 6
+
+
+def test_prompt_space_is_seeded_and_roundtrips(tmp_path):
+    spec = PromptSpaceSpec(6, 2, 4, 1.0, 0.5, "zeros", 7, ())
+    a, b = PromptSpace(spec), PromptSpace(spec)
+    np.testing.assert_array_equal(a.A, b.A)
+    assert a.A.std() == pytest.approx(0.5 / np.sqrt(6), rel=0.5)
+    z = np.arange(6.0)
+    save_prompt(str(tmp_path / "p.json"), z, a, {"task": "sst2"})
+    z2, space, meta = load_prompt(str(tmp_path / "p.json"))
+    np.testing.assert_array_equal(z2, z)
+    np.testing.assert_allclose(space.project(z2), a.project(z))
+    assert meta["task"] == "sst2"

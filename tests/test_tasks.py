@@ -1,0 +1,93 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gdfo_ray import ConfigError, DataError
+from gdfo_ray.config import TaskConfig
+from gdfo_ray.tasks import PRESETS, load_task, read_split_file, resolve_spec, sample_k_shot
+
+SHARED = os.environ.get("GDFO_DATA_DIR")
+
+
+def test_custom_task_needs_labels_verbalizer_template():
+    with pytest.raises(ConfigError, match="needs task.labels, task.verbalizer, task.template"):
+        resolve_spec(TaskConfig(name="my_task", train_file="x.jsonl"))
+
+
+def test_verbalizer_must_have_one_word_per_class():
+    with pytest.raises(ConfigError, match="one word per class"):
+        resolve_spec(TaskConfig(name="sst2", verbalizer=("bad",)))
+
+
+def test_template_needs_every_slot():
+    with pytest.raises(ConfigError, match=r"\{mask\} exactly once"):
+        resolve_spec(TaskConfig(name="sst2", template="{prompt} {text}"))
+
+
+def test_files_in_every_format_and_label_names(tmp_path):
+    spec = PRESETS["sst2"]
+    (tmp_path / "a.jsonl").write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": "negative"}\n')
+    (tmp_path / "a.csv").write_text("text,label\ngood,1\nbad,0\n")
+    (tmp_path / "a.tsv").write_text("text\tlabel\ngood\tpositive\nbad\t0\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["good", "bad"], "label": [1, 0]}), tmp_path / "a.parquet")
+    for ext in ("jsonl", "csv", "tsv", "parquet"):
+        split = read_split_file(str(tmp_path / f"a.{ext}"), spec)
+        assert split.text == ["good", "bad"] and split.label.tolist() == [1, 0], ext
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    spec = PRESETS["mrpc"]
+    (tmp_path / "cols.jsonl").write_text('{"text": "a", "label": 1}\n')
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['text_pair'\]"):
+        read_split_file(str(tmp_path / "cols.jsonl"), spec)
+    (tmp_path / "range.jsonl").write_text('{"text": "a", "text_pair": "b", "label": 2}\n')
+    with pytest.raises(DataError, match="label 2 is out of range for 2 classes"):
+        read_split_file(str(tmp_path / "range.jsonl"), spec)
+    (tmp_path / "x.xml").write_text("<a/>")
+    with pytest.raises(DataError, match="Unsupported data file"):
+        read_split_file(str(tmp_path / "x.xml"), spec)
+    with pytest.raises(DataError, match="does not exist"):
+        read_split_file(str(tmp_path / "missing.jsonl"), spec)
+
+
+def test_custom_task_from_own_files(tmp_path):
+    for name in ("train", "dev", "test"):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "\n".join(json.dumps({"text": f"t{i}", "label": ["spam", "ham"][i % 2]}) for i in range(4)))
+    config = TaskConfig(name="spam", labels=("spam", "ham"), verbalizer=("bad", "good"),
+                        template="{prompt} {text} It was {mask}", train_file=str(tmp_path / "train.jsonl"),
+                        dev_file=str(tmp_path / "dev.jsonl"), test_file=str(tmp_path / "test.jsonl"))
+    data = load_task(config, seed=1)
+    assert len(data.train) == 4 and data.train.label.tolist() == [0, 1, 0, 1]
+
+
+def test_k_shot_sampling_is_disjoint_balanced_and_seeded():
+    labels = np.repeat([0, 1, 2], 50)
+    train, dev = sample_k_shot(labels, 16, seed=3, n_classes=3)
+    assert not set(train) & set(dev)
+    assert np.bincount(labels[train]).tolist() == [16, 16, 16] == np.bincount(labels[dev]).tolist()
+    assert np.array_equal(train, sample_k_shot(labels, 16, seed=3, n_classes=3)[0])
+    with pytest.raises(DataError, match="fewer than 2 x 16"):
+        sample_k_shot(np.repeat([0, 1], 20), 16, 0, 2)
+
+
+def test_missing_seed_lists_available(tiny_data_dir):
+    with pytest.raises(DataError, match=r"available seeds: \['42'\]"):
+        load_task(TaskConfig(name="sst2", data_dir=tiny_data_dir), seed=7)
+
+
+@pytest.mark.skipif(not SHARED, reason="set GDFO_DATA_DIR to the benchmark data")
+@pytest.mark.parametrize("task", sorted(PRESETS))
+def test_every_preset_loads_from_the_benchmark_data(task):
+    seed = 13
+    data = load_task(TaskConfig(name=task, max_test_examples=50), seed=seed)
+    n = data.spec.n_classes
+    assert len(data.train) == 16 * n == len(data.dev)
+    assert np.bincount(data.train.label, minlength=n).tolist() == [16] * n
+    assert len(data.test) == 50
+    assert (data.train.text_pair is not None) == data.spec.pair
