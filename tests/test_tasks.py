@@ -91,3 +91,35 @@ def test_every_preset_loads_from_the_benchmark_data(task):
     assert np.bincount(data.train.label, minlength=n).tolist() == [16] * n
     assert len(data.test) == 50
     assert (data.train.text_pair is not None) == data.spec.pair
+
+
+def test_hub_loading_samples_k_per_class_from_train(monkeypatch):
+    """The Hub path with a stand-in for ``datasets.load_dataset`` (no network in tests)."""
+    import sys
+    import types
+
+    rows = [{"sentence": f"s{i}", "label": i % 2} for i in range(100)] + [{"sentence": "x", "label": -1}]
+    fake = types.ModuleType("datasets")
+    calls = []
+    fake.load_dataset = lambda name, subset: calls.append((name, subset)) or {"train": rows, "validation": rows[:10]}
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.delenv("GDFO_DATA_DIR", raising=False)
+    data = load_task(TaskConfig(name="sst2", shots=4), seed=5)
+    assert calls == [("glue", "sst2")]
+    assert np.bincount(data.train.label).tolist() == [4, 4] == np.bincount(data.dev.label).tolist()
+    assert not set(data.train.text) & set(data.dev.text) and len(data.test) == 10
+
+
+def test_hub_failure_says_what_to_do_instead(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("datasets")
+
+    def offline(name, subset):
+        raise ConnectionError("no network")
+    fake.load_dataset = offline
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.delenv("GDFO_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="Offline, pass --data-dir"):
+        load_task(TaskConfig(name="rte"), seed=1)
