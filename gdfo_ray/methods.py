@@ -8,6 +8,7 @@ charges the budget before dispatch and keeps the best-so-far prompt.
 from __future__ import annotations
 
 import abc
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -44,7 +45,9 @@ class BBT(BaseMethod):
     name = "bbt"
 
     def __init__(self, config: GDFOConfig):
-        import cma
+        with warnings.catch_warnings():  # cma warns that its optional plotting backend is missing
+            warnings.filterwarnings("ignore", message="Could not import matplotlib")
+            import cma
 
         self.d = config.prompt.intrinsic_dim
         self.calls_per_generation = config.popsize

@@ -130,6 +130,9 @@ def detect_kind(config, requested: str = "auto") -> str:
 def load_lm(name: str, kind: str = "auto", dtype: str = "float32", need_lm_head: bool = True):
     """Load tokenizer and model; returns ``(tokenizer, model, kind)``."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per load would drown the per-generation progress lines
 
     path = resolve_model_path(name)
     try:
