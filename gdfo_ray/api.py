@@ -103,7 +103,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _write_history(out: str, history: list) -> None:
+def _write_history(out: str, history: list, config: GDFOConfig) -> None:
+    """One row per generation; the file carries its run's config, so it stands alone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -111,6 +112,7 @@ def _write_history(out: str, history: list) -> None:
     columns = {k: [row.get(k) for row in history] for k in keys}
     table = pa.table({k: pa.array([None if v is None else float(v) for v in vals], pa.float64())
                       for k, vals in columns.items()})
+    table = table.replace_schema_metadata({"gdfo_config": json.dumps(config.to_dict())})
     _atomic_write(os.path.join(out, "history.parquet"), lambda f: pq.write_table(table, f))
 
 
@@ -172,7 +174,7 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
             payload = {"config": config.to_dict(), "state": driver.state,
                        "student": student.state() if student is not None else None}
             _atomic_write(os.path.join(out, CHECKPOINT), lambda f: pickle.dump(payload, f))
-            _write_history(out, driver.state.history)
+            _write_history(out, driver.state.history, config)
 
         driver = Driver(config, data, teacher, student, space, state=state, hooks=(save,))
         driver.run()

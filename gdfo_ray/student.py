@@ -144,8 +144,9 @@ class StudentTrainer:
 
     def _loss(self, batch: DistillBatch) -> torch.Tensor:
         logits = self.model(self._z(batch.z), batch.rows, "train")
-        loss = kd_loss(logits, torch.as_tensor(batch.teacher, device=self.device),
-                       torch.as_tensor(batch.labels, device=self.device), self.config.tau, self.config.beta)
+        # np.array copies: arrays that arrive through Ray's object store are read-only.
+        loss = kd_loss(logits, torch.as_tensor(np.array(batch.teacher), device=self.device),
+                       torch.as_tensor(np.array(batch.labels), device=self.device), self.config.tau, self.config.beta)
         if self.config.rank_weight > 0 and batch.pop_z is not None:
             predicted = self._population_fitness(self._z(batch.pop_z), batch.pop_rows)
             target = torch.as_tensor(batch.pop_fitness, device=self.device, dtype=predicted.dtype)

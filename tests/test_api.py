@@ -25,7 +25,9 @@ def test_every_method_runs_and_writes_its_outputs(tiny_config, method):
     if method == "manual":
         assert summary["calls"] == 0 and result.best_z is None
         return
-    history = pq.read_table(os.path.join(out, "history.parquet")).to_pylist()
+    table = pq.read_table(os.path.join(out, "history.parquet"))
+    assert json.loads(table.schema.metadata[b"gdfo_config"])["method"] == method
+    history = table.to_pylist()
     assert len(history) == summary["generations"] > 0
     assert {"calls", "fitness_best", "teacher_s", "step_s"} <= set(history[0])
     assert os.path.exists(os.path.join(out, "best_prompt.json"))
@@ -53,8 +55,8 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_pa
     import gdfo_ray.api as api
 
     real_write = api._write_history
-    def crash_after_two(out, history):
-        real_write(out, history)
+    def crash_after_two(out, history, config):
+        real_write(out, history, config)
         if len(history) == 2:
             raise _Crash()
     monkeypatch.setattr(api, "_write_history", crash_after_two)
