@@ -83,3 +83,9 @@ def test_masked_lm_teacher_and_custom_files(tiny_config, tiny_models, tiny_data_
         "task.dev_file": os.path.join(base, "16-shot/42/dev.jsonl"), "task.test_file": os.path.join(base, "test.jsonl")})
     result = run(config, progress=None)
     assert result.summary["task"] == "movie" and result.summary["calls"] == 24
+
+
+def test_an_lm_student_reads_the_verbalizer(tiny_config, tiny_models):
+    config = tiny_config(**{"model.student": tiny_models["masked"], "search.budget_calls": 8})
+    result = run(config, progress=None)
+    assert 0.0 <= result.summary["test"]["student"] <= 1.0

@@ -1,3 +1,4 @@
+import os
 import sys
 
 import pytest
@@ -32,3 +33,11 @@ def test_library_core_does_not_import_ray():
     code = "import sys, gdfo_ray.driver, gdfo_ray.api, gdfo_ray.cli; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_run_py_is_the_gdfo_run_entry_point():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "run.py")
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--resume" in out.stdout and "--budget" in out.stdout
