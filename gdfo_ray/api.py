@@ -146,6 +146,7 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
     say = progress or (lambda _: None)
     started = time.time()
     out = config.output_dir or config.default_output_dir()
+    data = load_task(config.task, config.seed)  # bad task input fails before anything is written
     checkpoint = _prepare_output(config, out, resume, overwrite)
     import yaml
 
@@ -154,7 +155,6 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
     with open(os.path.join(out, "versions.json"), "w") as f:
         json.dump({**versions(), "seeds": {"run": config.seed, "cma": config.seed + 1,
                                            "prompt_space": config.seed, "student": config.seed}}, f, indent=2)
-    data = load_task(config.task, config.seed)
     say(f"[gdfo] {config.method} on {data.spec.name}: {len(data.train)} train / {len(data.dev)} dev / "
         f"{len(data.test)} test rows from {data.source}")
     teacher, student, ray_started = _make_pools(config, data)

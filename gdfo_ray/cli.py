@@ -69,8 +69,10 @@ def build_config(args: argparse.Namespace) -> GDFOConfig:
         try:
             with open(args.config) as f:
                 data = yaml.safe_load(f) or {}
-        except OSError as e:
+        except (OSError, yaml.YAMLError) as e:
             raise GDFOError(f"Cannot read config file {args.config!r}: {e}") from e
+        if not isinstance(data, dict):
+            raise GDFOError(f"Config file {args.config!r} must hold a mapping of sections, not {type(data).__name__}.")
     overrides: dict = {}
     flags = {"task": "task.name", "method": "method", "teacher": "model.teacher", "student": "model.student",
              "budget": "search.budget_calls", "seed": "seed", "data_dir": "task.data_dir",

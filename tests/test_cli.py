@@ -6,13 +6,25 @@ import pytest
 from gdfo_ray.cli import main
 
 
-def test_bad_input_exits_1_with_a_message(capsys):
+def test_bad_input_exits_1_with_a_message(capsys, tmp_path):
     assert main(["run", "--set", "search.popsiz=3"]) == 1
     assert "Similar valid keys: ['popsize']" in capsys.readouterr().err
-    assert main(["run", "--task", "nope", "--backend", "local"]) == 1
+    assert main(["run", "--task", "nope", "--backend", "local", "--output-dir", str(tmp_path / "o")]) == 1
     assert "is not a preset" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
     with pytest.raises(SystemExit):
         main(["run", "--method", "sgd"])
+
+
+def test_unreadable_config_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [unclosed\n")
+    assert main(["run", "--config", str(bad)]) == 1
+    assert "Cannot read config file" in capsys.readouterr().err
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    assert main(["run", "--config", str(listing)]) == 1
+    assert "must hold a mapping" in capsys.readouterr().err
 
 
 def test_config_file_with_overrides(tmp_path, tiny_config, capsys):
