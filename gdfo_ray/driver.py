@@ -35,7 +35,7 @@ class DriverState:
     history: list = field(default_factory=list)
     best_train: tuple = (None, float("inf"))  # (z, train fitness)
     best_dev: tuple = (None, -float("inf"), float("inf"))  # (z, dev score, dev loss)
-    evaluated_z: Optional[np.ndarray] = None
+    evaluated: tuple = (None, None)  # (z, dev score) of the last dev evaluation
     last_eval_calls: int = 0
     np_global_state: tuple = ()  # pycma samples from numpy's global generator
 
@@ -184,11 +184,11 @@ class Driver:
         if z is None or not (due or final):
             return {}
         s.last_eval_calls = s.budget.spent
-        if s.evaluated_z is not None and np.array_equal(z, s.evaluated_z):
-            return {"dev_score": s.best_dev[1]}
+        if s.evaluated[0] is not None and np.array_equal(z, s.evaluated[0]):
+            return {"dev_score": s.evaluated[1]}  # same prompt, same score: no call
         score, loss = self.evaluate_prompt(z, "dev")
         s.budget.dev_calls += 1
-        s.evaluated_z = z
+        s.evaluated = (z, score)
         if (score, -loss) > (s.best_dev[1], -s.best_dev[2]):
             s.best_dev = (z, score, loss)
         return {"dev_score": score, "dev_loss": loss}
