@@ -53,8 +53,8 @@ class PromptSpace:
         p0 = None
         if config.init == "vocab":
             rng = np.random.default_rng([seed, 1])
-            token_ids = tuple(int(t) for t in rng.integers(1000, max(1001, vocab_size), size=config.n_prompt_tokens))
-            token_ids = tuple(t % vocab_size for t in token_ids)
+            low = min(1000, vocab_size // 2)  # skip the special and byte tokens at the start of most vocabularies
+            token_ids = tuple(int(t) for t in rng.integers(low, vocab_size, size=config.n_prompt_tokens))
             p0 = embed_tokens(list(token_ids))
         spec = PromptSpaceSpec(config.intrinsic_dim, config.n_prompt_tokens, hidden_size, config.alpha,
                                float(embedding_std), config.init, seed, token_ids)
