@@ -331,6 +331,11 @@ class PromptedLM(nn.Module):
         )
 
 
+def host_tensor(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor copied from an array; arrays that come through Ray's object store are read-only."""
+    return torch.tensor(np.asarray(array), dtype=dtype, device=device)
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

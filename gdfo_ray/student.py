@@ -19,7 +19,7 @@ from torch import nn
 
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.losses import kd_loss, pairwise_rank_loss, task_loss
-from gdfo_ray.models import build_prompted_lm, set_threads
+from gdfo_ray.models import build_prompted_lm, host_tensor, set_threads
 from gdfo_ray.tasks import TaskData
 
 
@@ -129,7 +129,7 @@ class StudentTrainer:
         # would not replay the uninterrupted one, and it only adds noise to distillation.
         self.model.eval()
         self.device = self.model.lm.device
-        self.train_labels = torch.as_tensor(np.array(data.train.label), device=self.device)
+        self.train_labels = host_tensor(data.train.label, self.device)
         self.n_train = len(data.train)
         projection = [self.model.A, self.model.P0]
         rest = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in ("A", "P0")]
@@ -140,16 +140,15 @@ class StudentTrainer:
         ])
 
     def _z(self, z: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.array(z, dtype=np.float32), device=self.device)
+        return host_tensor(z, self.device, torch.float32)
 
     def _loss(self, batch: DistillBatch) -> torch.Tensor:
         logits = self.model(self._z(batch.z), batch.rows, "train")
-        # np.array copies: arrays that arrive through Ray's object store are read-only.
-        loss = kd_loss(logits, torch.as_tensor(np.array(batch.teacher), device=self.device),
-                       torch.as_tensor(np.array(batch.labels), device=self.device), self.config.tau, self.config.beta)
+        loss = kd_loss(logits, host_tensor(batch.teacher, self.device), host_tensor(batch.labels, self.device),
+                       self.config.tau, self.config.beta)
         if self.config.rank_weight > 0 and batch.pop_z is not None:
             predicted = self._population_fitness(self._z(batch.pop_z), batch.pop_rows)
-            target = torch.as_tensor(batch.pop_fitness, device=self.device, dtype=predicted.dtype)
+            target = host_tensor(batch.pop_fitness, self.device, predicted.dtype)
             loss = loss + self.config.rank_weight * pairwise_rank_loss(predicted, target)
         return loss
 
@@ -168,7 +167,7 @@ class StudentTrainer:
 
     def apply_grads(self, grads: list[np.ndarray]) -> None:
         for p, g in zip(self.params, grads):
-            p.grad = torch.as_tensor(g, device=self.device)
+            p.grad = host_tensor(g, self.device)
         self.optimizer.step()
 
     def train_steps(self, batches: list[DistillBatch]) -> float:

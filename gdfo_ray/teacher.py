@@ -18,7 +18,7 @@ import torch
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.exceptions import TeacherError
 from gdfo_ray.losses import task_loss
-from gdfo_ray.models import build_prompted_lm, set_threads
+from gdfo_ray.models import build_prompted_lm, host_tensor, set_threads
 from gdfo_ray.tasks import TaskData
 
 
@@ -81,7 +81,7 @@ class LocalTeacher(BaseTeacher):
 
     def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray) -> np.ndarray:
         k, b = prompts.shape[0], len(example_ids)
-        p = torch.as_tensor(np.array(prompts, dtype=np.float32), device=self.lm.device)
+        p = host_tensor(prompts, self.lm.device, torch.float32)
         rows_p = p.repeat_interleave(b, dim=0)  # candidate-major: row i*b + j = (candidate i, example j)
         rows = np.tile(np.asarray(example_ids), k)
         with torch.inference_mode():
@@ -90,10 +90,10 @@ class LocalTeacher(BaseTeacher):
 
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
-        p = torch.as_tensor(np.array(prompt, dtype=np.float32), device=self.lm.device).requires_grad_(True)
+        p = host_tensor(prompt, self.lm.device, torch.float32).requires_grad_(True)
         rows = np.asarray(example_ids)
         logits = self.lm(p.unsqueeze(0).expand(len(rows), -1, -1), rows, split)
-        value = task_loss(logits, torch.as_tensor(labels, device=logits.device), loss)
+        value = task_loss(logits, host_tensor(labels, logits.device), loss)
         value.backward()
         return value.item(), p.grad.cpu().numpy()
 

@@ -30,12 +30,10 @@ def test_unreadable_config_file_is_a_clear_error(tmp_path, capsys):
 def test_config_file_with_overrides(tmp_path, tiny_config, capsys):
     import yaml
 
-    from gdfo_ray.cli import build_config, main as cli_main
-
     path = tmp_path / "c.yaml"
     config = tiny_config(method="bbt")
     path.write_text(yaml.safe_dump(config.to_dict()))
-    assert cli_main(["run", "--config", str(path), "--budget", "8", "--set", "search.popsize=4"]) == 0
+    assert main(["run", "--config", str(path), "--budget", "8", "--set", "search.popsize=4"]) == 0
     assert "calls 8/8" in capsys.readouterr().err
 
 
