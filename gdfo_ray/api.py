@@ -84,7 +84,7 @@ def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool)
     saved = checkpoint["config"]
     current = config.to_dict()
     differs = sorted(k for k in _flatten(current) if _flatten(saved).get(k) != _flatten(current).get(k)
-                     and k not in ("output_dir",) and not k.startswith("pool."))
+                     and k not in ("output_dir",) and not k.startswith(("pool.", "service.")))
     if differs:
         raise ResumeError(
             f"Cannot resume {out}: the config differs from the saved run in {differs}. Either resume with "
@@ -197,10 +197,15 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
 
 def _make_pools(config: GDFOConfig, data):
     if config.pool.backend == "local":
+        from gdfo_ray.ratelimit import LocalLimiter
         from gdfo_ray.student import StudentGroup, StudentTrainer
-        from gdfo_ray.teacher import LocalTeacher, TeacherPool
+        from gdfo_ray.teacher import TeacherPool, make_teacher
 
-        teacher = TeacherPool([LocalTeacher(config, data)])
+        p = config.pool
+        limiter = (LocalLimiter(p.calls_per_s, p.max_in_flight, p.rate_burst)
+                   if p.calls_per_s is not None or p.max_in_flight is not None else None)
+        teacher = TeacherPool([make_teacher(config, data, limiter=limiter)],
+                              one_call_per_piece=config.model.teacher_is_service)
         student = StudentGroup([StudentTrainer(config, data)]) if config.uses_student else None
         return teacher, student, False
     from gdfo_ray.distributed import init_ray, make_ray_student_group, make_ray_teacher_pool

@@ -36,7 +36,8 @@ class _Run(_BaseCommand):
         parser.add_argument("--config", help="YAML file with a GDFOConfig (sections task, model, search, ...)")
         parser.add_argument("--task", help="preset (sst2, yelp_polarity, ag_news, dbpedia, mrpc, snli, rte) or custom name")
         parser.add_argument("--method", choices=METHODS)
-        parser.add_argument("--teacher", help="HF model id or local path of the black-box teacher")
+        parser.add_argument("--teacher", help="HF model id or local path of the black-box teacher, or the URL of a "
+                            "service (gdfo serve); its token comes from $GDFO_TEACHER_TOKEN")
         parser.add_argument("--student", help="HF model id or local path of the student")
         parser.add_argument("--budget", type=int, help="black-box calls on the train batch")
         parser.add_argument("--seed", type=int)
@@ -101,7 +102,46 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-_COMMANDS = {"run": _Run}
+class _Serve(_BaseCommand):
+    help = "Serve a local LM as a black box over HTTP (verbalizer logits only; bearer token; batching)."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from gdfo_ray.serve import ServeConfig
+
+        d = ServeConfig(model="x")
+        parser.add_argument("--model", help="HF model id or local path to serve")
+        parser.add_argument("--host", default=d.host, help="interface to listen on (0.0.0.0 for every one)")
+        parser.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
+        parser.add_argument("--token", help="bearer token clients must send (default: $GDFO_SERVE_TOKEN, "
+                            "else a generated one, printed once)")
+        parser.add_argument("--kind", default=d.kind, choices=("auto", "causal_lm", "masked_lm"))
+        parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+        parser.add_argument("--device", default=d.device)
+        parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: every core)")
+        parser.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows,
+                            help="(prompt x input) rows one forward takes across concurrent requests")
+        parser.add_argument("--max-inputs", type=int, default=d.max_inputs, help="inputs per request")
+        parser.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
+        parser.add_argument("--max-text-tokens", type=int, default=d.max_text_tokens)
+        parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+        parser.add_argument("--max-queue", type=int, default=d.max_queue, help="queued calls before 429")
+        parser.add_argument("--rate-limit", type=float, help="calls per second accepted (429 above)")
+        parser.add_argument("--rate-burst", type=int, default=d.rate_burst)
+        parser.add_argument("--simulate-latency", type=float, dest="simulate_latency_s",
+                            help="serve a simulated black box with this latency (s) instead of a model")
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        from gdfo_ray.serve import ServeConfig, serve
+
+        fields = ("model", "host", "port", "token", "kind", "dtype", "device", "threads", "max_batch_rows",
+                  "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens", "max_queue", "rate_limit",
+                  "rate_burst", "simulate_latency_s")
+        serve(ServeConfig(**{f: getattr(args, f) for f in fields}),
+              say=lambda line: print(line, file=sys.stderr, flush=True))
+        return 0
+
+
+_COMMANDS = {"run": _Run, "serve": _Serve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

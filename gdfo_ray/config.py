@@ -117,7 +117,9 @@ class ModelConfig:
     """The black-box teacher and the local student.
 
     Args:
-        teacher: HF model id or local path of the teacher (masked or causal LM).
+        teacher: HF model id or local path of the teacher (masked or causal LM), or the
+            URL (``http://...``/``https://...``) of a black-box service (``gdfo serve``
+            or any service speaking its API; see ``service``).
         student: HF model id or local path of the student (encoder, masked or causal LM).
         teacher_kind, student_kind: ``auto`` reads the model config.
         dtype: teacher weights' dtype (the student always trains in float32).
@@ -140,6 +142,14 @@ class ModelConfig:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"model.device must be 'auto', 'cpu' or 'cuda[:i]', but got {self.device!r}.")
         _check_int("model.max_rows_per_forward", self.max_rows_per_forward, 1)
+
+    @property
+    def teacher_is_service(self) -> bool:
+        return is_service_url(self.teacher)
+
+
+def is_service_url(name: str) -> bool:
+    return name.startswith(("http://", "https://"))
 
 
 @dataclass(frozen=True)
@@ -287,6 +297,14 @@ class PoolConfig:
         torch_threads: intra-op threads per actor; 0 uses every core of the node, since
             the teacher and student take turns rather than run together on a laptop.
         ray_num_cpus: CPUs of a Ray instance started locally (None: all).
+        calls_per_actor: calls one teacher-query actor keeps in flight (threads). Only a
+            service teacher gains from more than 1: its actors wait on the network.
+        calls_per_s: rate limit on teacher calls, shared by every actor of the pool
+            (retries included); None: no limit.
+        max_in_flight: limit on teacher calls in flight across the pool; None: no limit.
+        rate_burst: calls that may start at once before ``calls_per_s`` paces them.
+        max_actor_restarts: how often Ray restarts a dead teacher actor or student worker.
+        max_requeries: how often a piece of work lost with its actor is sent again.
     """
 
     backend: str = "ray"
@@ -300,9 +318,23 @@ class PoolConfig:
     teacher_resources: Mapping[str, float] = field(default_factory=dict)
     torch_threads: int = 0
     ray_num_cpus: Optional[int] = None
+    calls_per_actor: int = 1
+    calls_per_s: Optional[float] = None
+    max_in_flight: Optional[int] = None
+    rate_burst: int = 1
+    max_actor_restarts: int = 3
+    max_requeries: int = 3
 
     def __post_init__(self) -> None:
         _check_choice("pool.backend", self.backend, BACKENDS)
+        _check_int("pool.calls_per_actor", self.calls_per_actor, 1)
+        if self.calls_per_s is not None:
+            _check_positive("pool.calls_per_s", self.calls_per_s)
+        if self.max_in_flight is not None:
+            _check_int("pool.max_in_flight", self.max_in_flight, 1)
+        _check_int("pool.rate_burst", self.rate_burst, 1)
+        _check_int("pool.max_actor_restarts", self.max_actor_restarts, 0)
+        _check_int("pool.max_requeries", self.max_requeries, 0)
         _check_int("pool.n_teacher_actors", self.n_teacher_actors, 1)
         _check_int("pool.n_student_workers", self.n_student_workers, 1)
         _check_positive("pool.teacher_num_cpus", self.teacher_num_cpus, allow_zero=True)
@@ -312,6 +344,38 @@ class PoolConfig:
             _check_positive("pool.student_num_gpus", self.student_num_gpus, allow_zero=True)
         _check_int("pool.torch_threads", self.torch_threads, 0)
         object.__setattr__(self, "teacher_resources", dict(self.teacher_resources))
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How to talk to a teacher that is a service (``model.teacher`` is a URL).
+
+    Args:
+        token_env: environment variable holding the bearer token. The token itself is
+            never part of a config, so it never lands in a results directory.
+        timeout_s: per-request timeout.
+        max_retries: retries of a call after a 429, a 5xx, a timeout or a lost connection.
+        backoff_s, backoff_max_s: exponential backoff with full jitter: the k-th retry
+            waits a uniform time in [0, min(backoff_max_s, backoff_s * 2**k)].
+        max_retry_after_s: the longest ``Retry-After`` honoured; a service asking for
+            more fails the call with a clear error instead of stalling the run.
+    """
+
+    token_env: str = "GDFO_TEACHER_TOKEN"
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_retry_after_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.token_env or not isinstance(self.token_env, str):
+            raise ConfigError(f"service.token_env must name an environment variable, but got {self.token_env!r}.")
+        _check_positive("service.timeout_s", self.timeout_s)
+        _check_int("service.max_retries", self.max_retries, 0)
+        _check_positive("service.backoff_s", self.backoff_s, allow_zero=True)
+        _check_positive("service.backoff_max_s", self.backoff_max_s, allow_zero=True)
+        _check_positive("service.max_retry_after_s", self.max_retry_after_s, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -336,10 +400,16 @@ class GDFOConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     harmonize: HarmonizeConfig = field(default_factory=HarmonizeConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_int("seed", self.seed, 0)
+        if self.method == "white_box" and self.model.teacher_is_service:
+            raise ConfigError(
+                f"method 'white_box' needs the teacher's gradients, but model.teacher={self.model.teacher!r} is a "
+                "black-box service. Either pass a local model id or path, or choose another method."
+            )
         popsize = self.search.resolved_popsize(self.prompt.intrinsic_dim)
         per_generation = 1 if self.method == "white_box" else popsize
         if self.method != "manual" and self.search.budget_calls < per_generation:
@@ -420,4 +490,5 @@ _SECTIONS = {
     "student": StudentConfig,
     "harmonize": HarmonizeConfig,
     "pool": PoolConfig,
+    "service": ServiceConfig,
 }

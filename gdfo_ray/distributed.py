@@ -1,20 +1,33 @@
-"""The Ray layer: teacher-query actors and student worker actors behind the pools' protocols.
+"""The Ray layer: teacher-query actors, student workers, and the shared rate limiter.
 
-Nothing numerical lives here. Each pool is the same class as its in-process twin
-(:class:`~gdfo_ray.teacher.TeacherPool`, :class:`~gdfo_ray.student.StudentGroup`),
-given a ``call`` that sends ``.remote`` and a ``gather`` that is ``ray.get``.
+Nothing numerical lives here. Each pool is its in-process twin
+(:class:`~gdfo_ray.teacher.TeacherPool`, :class:`~gdfo_ray.student.StudentGroup`)
+with two things added that only exist with actors: pieces are dispatched as
+actors free up, and work lost with a dead actor is done again. Ray restarts a
+dead actor (``pool.max_actor_restarts``); a teacher's lost pieces are re-queried
+(same call ids, so a service bills them once; the budget was charged once, before
+dispatch); a restarted student worker gets the weights and optimizer state of
+the last completed step before it does anything else.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import uuid
+from typing import Any, Optional
 
 import ray
+from ray.exceptions import RayActorError
 
 from gdfo_ray.config import GDFOConfig, PoolConfig
-from gdfo_ray.student import StudentGroup, StudentTrainer
+from gdfo_ray.exceptions import GDFOError, TeacherError
+from gdfo_ray.ratelimit import LimiterActor, SharedLimiter
+from gdfo_ray.student import StudentGroup
 from gdfo_ray.tasks import TaskData
-from gdfo_ray.teacher import LocalTeacher, TeacherPool
+from gdfo_ray.teacher import TeacherHost, TeacherPool
+
+NAMESPACE = "gdfo_ray"
 
 
 def init_ray(pool: PoolConfig) -> bool:
@@ -23,24 +36,175 @@ def init_ray(pool: PoolConfig) -> bool:
         return False
     address = pool.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, namespace=NAMESPACE)
     else:
-        ray.init(num_cpus=pool.ray_num_cpus, include_dashboard=False)
+        ray.init(num_cpus=pool.ray_num_cpus, include_dashboard=False, namespace=NAMESPACE)
     return True
 
 
-def _remote_call(actor, method: str, *args):
-    return getattr(actor, method).remote(*args)
+def shared_limiter(key: str, calls_per_s: Optional[float], max_in_flight: Optional[int], burst: int = 1):
+    """The limiter actor of the black box ``key``: created once, found by name by every later pool.
+
+    Runs (or Tune trials) in the same Ray job that query the same service share it,
+    so their calls together respect the service's limit. The first creator's
+    settings hold.
+    """
+    return ray.remote(LimiterActor).options(
+        name=f"gdfo_limiter:{key}", namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=10_000,
+        max_restarts=-1,
+    ).remote(calls_per_s, max_in_flight, burst)
 
 
-def make_ray_teacher_pool(config: GDFOConfig, data: TaskData) -> TeacherPool:
-    """``n_teacher_actors`` actors, each holding the teacher and the tokenized task."""
-    p = config.pool
-    cls = ray.remote(LocalTeacher).options(num_cpus=p.teacher_num_cpus, num_gpus=p.teacher_num_gpus,
-                                           resources=dict(p.teacher_resources) or None)
+class RayTeacherPool(TeacherPool):
+    """Pieces go to whichever actor has a free slot; a piece lost with its actor is sent again."""
+
+    def __init__(self, actors: list, *, one_call_per_piece: bool, slots_per_teacher: int, max_requeries: int):
+        super().__init__(actors, one_call_per_piece=one_call_per_piece, slots_per_teacher=slots_per_teacher)
+        self.max_requeries = max_requeries
+        self.requeried = 0
+
+    def run_pieces(self, method: str, pieces: list[tuple]) -> list:
+        results: list = [None] * len(pieces)
+        tries = [0] * len(pieces)
+        waiting = collections.deque(range(len(pieces)))
+        load = [0] * len(self.teachers)
+        in_flight: dict = {}  # ObjectRef -> (piece, actor)
+        while waiting or in_flight:
+            while waiting and min(load) < self.slots_per_teacher:
+                actor = load.index(min(load))
+                piece = waiting.popleft()
+                ref = getattr(self.teachers[actor], method).remote(*pieces[piece])
+                in_flight[ref] = (piece, actor)
+                load[actor] += 1
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                piece, actor = in_flight.pop(ref)
+                load[actor] -= 1
+                try:
+                    results[piece] = ray.get(ref)
+                except RayActorError as e:
+                    tries[piece] += 1
+                    if tries[piece] > self.max_requeries:
+                        raise TeacherError(
+                            f"A teacher-query actor died {tries[piece]} times while answering the same piece "
+                            f"({method}); giving up after pool.max_requeries={self.max_requeries}. Last error: {e}"
+                        ) from e
+                    self.requeried += 1
+                    waiting.appendleft(piece)  # the restarted actor (or another) takes it again
+        return results
+
+    def stats(self) -> list[dict]:
+        return ray.get([a.stats.remote() for a in self.teachers])
+
+
+def make_ray_teacher_pool(config: GDFOConfig, data: TaskData) -> RayTeacherPool:
+    """``n_teacher_actors`` actors, each holding a teacher (a local model, or a client of the service)."""
+    p, service = config.pool, config.model.teacher_is_service
+    token = limiter = None
+    if service:
+        token = os.environ.get(config.service.token_env)
+        if not token:
+            raise TeacherError(f"No token for the teacher service {config.model.teacher}: set "
+                               f"${config.service.token_env} (service.token_env).")
+        if p.calls_per_s is not None or p.max_in_flight is not None:
+            limiter = SharedLimiter(shared_limiter(config.model.teacher, p.calls_per_s, p.max_in_flight,
+                                                   p.rate_burst))
+    cls = ray.remote(TeacherHost).options(
+        num_cpus=p.teacher_num_cpus, num_gpus=p.teacher_num_gpus, resources=dict(p.teacher_resources) or None,
+        max_restarts=p.max_actor_restarts, max_concurrency=p.calls_per_actor,
+    )
     data_ref = ray.put(data)
-    actors = [cls.remote(config, data_ref) for _ in range(p.n_teacher_actors)]
-    return TeacherPool(actors, call=_remote_call, gather=ray.get)
+    actors = [cls.remote(config, data_ref, token, limiter) for _ in range(p.n_teacher_actors)]
+    try:
+        ray.get([a.node_id.remote() for a in actors])  # surfaces a failed start (bad model, bad URL) here
+    except RayActorError as e:
+        raise TeacherError(f"A teacher-query actor failed to start: {e}") from e
+    return RayTeacherPool(actors, one_call_per_piece=service, slots_per_teacher=p.calls_per_actor,
+                          max_requeries=p.max_requeries)
+
+
+class StudentRestarted(GDFOError):
+    """Raised inside a student worker that Ray restarted: it must be given the last weights first."""
+
+
+class StudentWorker:
+    """What a student worker actor runs: a trainer, tagged with an id that changes when Ray restarts it."""
+
+    def __init__(self, config: GDFOConfig, data: TaskData):
+        from gdfo_ray.student import StudentTrainer
+
+        self.trainer = StudentTrainer(config, data)
+        self.incarnation = uuid.uuid4().hex
+
+    def run(self, incarnation: str, method: str, *args: Any) -> Any:
+        if incarnation != self.incarnation:
+            raise StudentRestarted("This student worker was restarted and holds its initial weights.")
+        return getattr(self.trainer, method)(*args)
+
+    def restore(self, state: Optional[dict]) -> str:
+        """Take ``state`` (None: keep the initial weights); returns the incarnation to address from now on."""
+        if state is not None:
+            self.trainer.load_state(state)
+        return self.incarnation
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+class RayStudentGroup(StudentGroup):
+    """A :class:`StudentGroup` of actors that survives a worker's death.
+
+    After every completed distillation it keeps the weights and optimizer state
+    (small: the projection and the head). A call that fails because a worker died,
+    or reaches a restarted worker, restores every worker to that state and runs
+    again, so the result equals an uninterrupted run.
+    """
+
+    def __init__(self, workers: list, max_recoveries: int):
+        self._index = {id(w): i for i, w in enumerate(workers)}
+        self.max_recoveries = max_recoveries
+        self.recoveries = 0
+        self._snapshot: Optional[dict] = None
+        super().__init__(workers, call=self._send, gather=ray.get)
+        self._incarnations = ray.get([w.restore.remote(None) for w in workers])
+
+    def _send(self, worker, method: str, *args):
+        return worker.run.remote(self._incarnations[self._index[id(worker)]], method, *args)
+
+    def _recovering(self, operation, *args, mutates: bool = False):
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                out = operation(*args)
+            except (RayActorError, StudentRestarted) as e:
+                if attempt == self.max_recoveries:
+                    raise GDFOError(f"Student workers kept failing; gave up after {self.max_recoveries} recoveries "
+                                    f"(pool.max_actor_restarts). Last error: {e}") from e
+                self.recoveries += 1
+                self._incarnations = ray.get([w.restore.remote(self._snapshot) for w in self.workers])
+                continue
+            if mutates:
+                self._snapshot = StudentGroup.state(self)
+            return out
+        raise AssertionError("unreachable")
+
+    def distill(self, batches: list) -> float:
+        return self._recovering(super().distill, batches, mutates=True)
+
+    def predict_fitness(self, Z):
+        return self._recovering(super().predict_fitness, Z)
+
+    def grad_z(self, z):
+        return self._recovering(super().grad_z, z)
+
+    def predict(self, z, split: str, rows):
+        return self._recovering(super().predict, z, split, rows)
+
+    def state(self) -> dict:
+        return self._recovering(super().state)
+
+    def load_state(self, state: dict) -> None:
+        self._recovering(super().load_state, state)
+        self._snapshot = state
 
 
 def student_gpus(pool: PoolConfig) -> float:
@@ -50,12 +214,13 @@ def student_gpus(pool: PoolConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def make_ray_student_group(config: GDFOConfig, data: TaskData) -> StudentGroup:
+def make_ray_student_group(config: GDFOConfig, data: TaskData) -> RayStudentGroup:
     p = config.pool
-    cls = ray.remote(StudentTrainer).options(num_cpus=p.student_num_cpus, num_gpus=student_gpus(p))
+    cls = ray.remote(StudentWorker).options(num_cpus=p.student_num_cpus, num_gpus=student_gpus(p),
+                                            max_restarts=p.max_actor_restarts)
     data_ref = ray.put(data)
     workers = [cls.remote(config, data_ref) for _ in range(p.n_student_workers)]
-    return StudentGroup(workers, call=_remote_call, gather=ray.get)
+    return RayStudentGroup(workers, max_recoveries=p.max_actor_restarts)
 
 
 def shutdown_actors(*pools) -> None:

@@ -281,7 +281,10 @@ class PromptedLM(nn.Module):
 
     def forward(self, prompts: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
         """Scores of R rows: ``prompts`` (R, n, h) with ``rows`` (R,) example indices -> (R, C)."""
-        enc = self.encoded[split]
+        return self.score(prompts, rows, self.encoded[split])
+
+    def score(self, prompts: torch.Tensor, rows: np.ndarray, enc: EncodedSplit) -> torch.Tensor:
+        """As :meth:`forward`, on examples encoded elsewhere (a service's request)."""
         n = prompts.shape[1]
         lengths = np.asarray([len(enc.before[r]) + n + len(enc.after[r]) for r in rows])
         order = np.argsort(lengths, kind="stable")  # length bucketing: similar lengths share a chunk

@@ -1,24 +1,25 @@
 """The black-box side: a teacher answers C logits per (prompt, example), nothing else.
 
-:class:`BaseTeacher` is the whole interface a service must offer. :class:`LocalTeacher`
-runs an HF model in-process (what a teacher-query actor hosts). :class:`TeacherPool`
-spreads one request over several teachers and reassembles by index; its Ray
-twin in :mod:`gdfo_ray.distributed` only changes how a piece is sent.
+:class:`BaseTeacher` is the whole interface a black box must offer. Two kinds
+implement it: :class:`~gdfo_ray.local_teacher.LocalTeacher` runs an HF model
+in-process, :class:`~gdfo_ray.http_teacher.HttpTeacher` calls a service.
+:class:`TeacherPool` splits one request into pieces over several teachers and
+reassembles them by index; its Ray twin in :mod:`gdfo_ray.distributed` only
+changes how pieces are sent (and re-sends those lost with a dead actor).
+This module needs neither torch nor Ray.
 """
 
 from __future__ import annotations
 
 import abc
+import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.exceptions import TeacherError
-from gdfo_ray.losses import task_loss
-from gdfo_ray.models import build_prompted_lm, host_tensor, set_threads
 from gdfo_ray.tasks import TaskData
 
 
@@ -45,8 +46,13 @@ class BaseTeacher(abc.ABC):
         """Embeddings of vocabulary tokens, for P0 (``prompt.init="vocab"``)."""
 
     @abc.abstractmethod
-    def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray) -> np.ndarray:
-        """Logits ``(k, B, C)`` of ``k`` prompts ``(k, n, h)`` on the examples ``example_ids`` of ``split``."""
+    def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray,
+              call_ids: Optional[Sequence[str]] = None) -> np.ndarray:
+        """Logits ``(k, B, C)`` of ``k`` prompts ``(k, n, h)`` on the examples ``example_ids`` of ``split``.
+
+        ``call_ids`` name the ``k`` calls; a service uses them as idempotency keys, so
+        a call sent again (a retry, or a re-query after an actor died) is billed once.
+        """
 
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
@@ -57,84 +63,99 @@ class BaseTeacher(abc.ABC):
         )
 
 
-class LocalTeacher(BaseTeacher):
-    """An HF masked or causal LM run in this process, scoring the task's verbalizer."""
+def make_teacher(config: GDFOConfig, data: TaskData, token: Optional[str] = None, limiter: Any = None) -> BaseTeacher:
+    """The teacher ``config.model.teacher`` names: a service for a URL, else a local model."""
+    if config.model.teacher_is_service:
+        from gdfo_ray.http_teacher import HttpTeacher
 
-    def __init__(self, config: GDFOConfig, data: TaskData):
-        set_threads(config.pool.torch_threads)
-        torch.manual_seed(config.seed)
-        self.name = config.model.teacher
-        self.lm = build_prompted_lm(
-            config.model.teacher, config.model.teacher_kind, data.spec,
-            {"train": data.train, "dev": data.dev, "test": data.test}, readout="verbalizer",
-            dtype=config.model.dtype, device=config.model.device, max_text_tokens=config.task.max_text_tokens,
-            max_rows_per_forward=config.model.max_rows_per_forward, need_lm_head=True,
-        )
-        self.lm.requires_grad_(False)
+        return HttpTeacher(config, data, token=token, limiter=limiter)
+    from gdfo_ray.local_teacher import LocalTeacher
 
-    def describe(self) -> TeacherInfo:
-        return TeacherInfo(self.name, self.lm.hidden_size, self.lm.embedding_std(),
-                           self.lm.embeddings.weight.shape[0], self.lm.spec.n_classes)
-
-    def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
-        return self.lm.embed_tokens(ids).float().cpu().numpy()
-
-    def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray) -> np.ndarray:
-        k, b = prompts.shape[0], len(example_ids)
-        p = host_tensor(prompts, self.lm.device, torch.float32)
-        rows_p = p.repeat_interleave(b, dim=0)  # candidate-major: row i*b + j = (candidate i, example j)
-        rows = np.tile(np.asarray(example_ids), k)
-        with torch.inference_mode():
-            logits = self.lm(rows_p, rows, split)
-        return logits.reshape(k, b, -1).cpu().numpy()
-
-    def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
-                      loss: str) -> tuple[float, np.ndarray]:
-        p = host_tensor(prompt, self.lm.device, torch.float32).requires_grad_(True)
-        rows = np.asarray(example_ids)
-        logits = self.lm(p.unsqueeze(0).expand(len(rows), -1, -1), rows, split)
-        value = task_loss(logits, host_tensor(labels, logits.device), loss)
-        value.backward()
-        return value.item(), p.grad.cpu().numpy()
+    return LocalTeacher(config, data)
 
 
 class TeacherPool:
-    """Spreads a request over teachers (by candidate, or by example for one prompt) and reassembles by index.
+    """Splits a request into pieces over teachers and reassembles them by index.
 
-    ``call(i, method, *args)`` runs one piece on teacher ``i`` and returns a handle;
-    ``gather(handles)`` waits for them. The local twin runs them in turn.
+    A service teacher gets one call per piece (its calls are what the service
+    rate-limits and bills); a local teacher gets a share of the population in one
+    forward, or a share of the examples when there is a single prompt (a dev score).
+    Subclasses change :meth:`run_pieces`, the only place pieces are executed.
+
+    Args:
+        teachers: the teachers (or Ray actor handles, for the Ray twin).
+        one_call_per_piece: send each candidate on its own (service teachers).
+        slots_per_teacher: pieces one teacher works on at once.
     """
 
-    def __init__(self, teachers: Sequence[Any], call: Callable | None = None, gather: Callable | None = None):
+    def __init__(self, teachers: Sequence[Any], one_call_per_piece: bool = False, slots_per_teacher: int = 1):
         if not teachers:
             raise ValueError("A TeacherPool needs at least one teacher.")
         self.teachers = list(teachers)
-        self._call = call or (lambda t, method, *args: getattr(t, method)(*args))
-        self._gather = gather or (lambda handles: list(handles))
+        self.one_call_per_piece = one_call_per_piece
+        self.slots_per_teacher = slots_per_teacher
 
     def __len__(self) -> int:
         return len(self.teachers)
 
+    def run_pieces(self, method: str, pieces: list[tuple]) -> list:
+        """``getattr(teacher, method)(*piece)`` for every piece, results in piece order."""
+        return [getattr(self.teachers[i % len(self.teachers)], method)(*args) for i, args in enumerate(pieces)]
+
     def describe(self) -> TeacherInfo:
-        return self._gather([self._call(self.teachers[0], "describe")])[0]
+        return self.run_pieces("describe", [()])[0]
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
-        return self._gather([self._call(self.teachers[0], "embed_tokens", list(ids))])[0]
+        return self.run_pieces("embed_tokens", [(list(ids),)])[0]
 
-    def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray) -> np.ndarray:
-        k, n_pool = prompts.shape[0], len(self.teachers)
+    def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray,
+              call_ids: Optional[Sequence[str]] = None) -> np.ndarray:
+        k, slots = prompts.shape[0], len(self.teachers) * self.slots_per_teacher
         example_ids = np.asarray(example_ids)
-        if k >= n_pool or len(example_ids) < n_pool:
-            pieces = [p for p in np.array_split(np.arange(k), n_pool) if len(p)]
-            handles = [self._call(self.teachers[i], "query", prompts[p], split, example_ids)
-                       for i, p in enumerate(pieces)]
-            return np.concatenate(self._gather(handles), axis=0)
-        pieces = [p for p in np.array_split(np.arange(len(example_ids)), n_pool) if len(p)]
-        handles = [self._call(self.teachers[i], "query", prompts, split, example_ids[p])
-                   for i, p in enumerate(pieces)]
-        return np.concatenate(self._gather(handles), axis=1)
+        call_ids = list(call_ids) if call_ids is not None else [uuid.uuid4().hex for _ in range(k)]
+        if self.one_call_per_piece or k >= slots or len(example_ids) < slots:
+            n_pieces = k if self.one_call_per_piece else min(k, slots)
+            parts = [p for p in np.array_split(np.arange(k), n_pieces) if len(p)]
+            pieces = [(prompts[p], split, example_ids, [call_ids[i] for i in p]) for p in parts]
+            return np.concatenate(self.run_pieces("query", pieces), axis=0)
+        parts = [p for p in np.array_split(np.arange(len(example_ids)), slots) if len(p)]
+        pieces = [(prompts, split, example_ids[p], call_ids) for p in parts]
+        return np.concatenate(self.run_pieces("query", pieces), axis=1)
 
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
-        return self._gather([self._call(self.teachers[0], "loss_and_grad", prompt, split, example_ids,
-                                        labels, loss)])[0]
+        return self.run_pieces("loss_and_grad", [(prompt, split, example_ids, labels, loss)])[0]
+
+
+class TeacherHost:
+    """What a teacher-query actor runs: one teacher, built in the actor's process.
+
+    It lives here, free of torch and Ray, so that an actor that only calls a service
+    imports neither (a pool of 64 such actors stays small).
+    """
+
+    def __init__(self, config: GDFOConfig, data: TaskData, token: Optional[str] = None, limiter: Any = None):
+        self.teacher = make_teacher(config, data, token=token, limiter=limiter)
+
+    def describe(self) -> TeacherInfo:
+        return self.teacher.describe()
+
+    def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
+        return self.teacher.embed_tokens(ids)
+
+    def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray,
+              call_ids: Optional[Sequence[str]] = None) -> np.ndarray:
+        return self.teacher.query(prompts, split, example_ids, call_ids)
+
+    def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
+                      loss: str) -> tuple[float, np.ndarray]:
+        return self.teacher.loss_and_grad(prompt, split, example_ids, labels, loss)
+
+    def stats(self) -> dict:
+        get = getattr(self.teacher, "get_stats", None)
+        return get() if get is not None else {}
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

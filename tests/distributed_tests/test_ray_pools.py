@@ -54,6 +54,7 @@ def test_data_parallel_students_average_gradients(local_ray, tiny_config):
     single.distill([batch])
     pair.distill([batch])
     a = single.state()["model"]
-    for worker_state in ray.get([w.state.remote() for w in pair.workers]):
+    incarnations = ray.get([w.restore.remote(None) for w in pair.workers])
+    for worker_state in ray.get([w.run.remote(i, "state") for w, i in zip(pair.workers, incarnations)]):
         for key in a:
             np.testing.assert_allclose(worker_state["model"][key].numpy(), a[key].numpy(), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,61 @@
+"""A teacher run in-process: an HF masked or causal LM (what a local teacher-query actor hosts).
+
+Kept apart from :mod:`gdfo_ray.teacher` so that the pool and the service client
+import without torch: an actor that only waits on HTTP stays a small process.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from gdfo_ray.config import GDFOConfig
+from gdfo_ray.losses import task_loss
+from gdfo_ray.models import build_prompted_lm, host_tensor, set_threads
+from gdfo_ray.tasks import TaskData
+from gdfo_ray.teacher import BaseTeacher, TeacherInfo
+
+
+class LocalTeacher(BaseTeacher):
+    """An HF masked or causal LM run in this process, scoring the task's verbalizer."""
+
+    def __init__(self, config: GDFOConfig, data: TaskData):
+        set_threads(config.pool.torch_threads)
+        torch.manual_seed(config.seed)
+        self.name = config.model.teacher
+        self.lm = build_prompted_lm(
+            config.model.teacher, config.model.teacher_kind, data.spec,
+            {"train": data.train, "dev": data.dev, "test": data.test}, readout="verbalizer",
+            dtype=config.model.dtype, device=config.model.device, max_text_tokens=config.task.max_text_tokens,
+            max_rows_per_forward=config.model.max_rows_per_forward, need_lm_head=True,
+        )
+        self.lm.requires_grad_(False)
+
+    def describe(self) -> TeacherInfo:
+        return TeacherInfo(self.name, self.lm.hidden_size, self.lm.embedding_std(),
+                           self.lm.embeddings.weight.shape[0], self.lm.spec.n_classes)
+
+    def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
+        return self.lm.embed_tokens(ids).float().cpu().numpy()
+
+    def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray,
+              call_ids: Optional[Sequence[str]] = None) -> np.ndarray:
+        k, b = prompts.shape[0], len(example_ids)
+        p = host_tensor(prompts, self.lm.device, torch.float32)
+        rows_p = p.repeat_interleave(b, dim=0)  # candidate-major: row i*b + j = (candidate i, example j)
+        rows = np.tile(np.asarray(example_ids), k)
+        with torch.inference_mode():
+            logits = self.lm(rows_p, rows, split)
+        return logits.reshape(k, b, -1).cpu().numpy()
+
+    def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
+                      loss: str) -> tuple[float, np.ndarray]:
+        p = host_tensor(prompt, self.lm.device, torch.float32).requires_grad_(True)
+        rows = np.asarray(example_ids)
+        logits = self.lm(p.unsqueeze(0).expand(len(rows), -1, -1), rows, split)
+        value = task_loss(logits, host_tensor(labels, logits.device), loss)
+        value.backward()
+        return value.item(), p.grad.cpu().numpy()
+

@@ -1,0 +1,577 @@
+"""``gdfo serve``: any local LM as a black box over HTTP, the way a vendor would offer it.
+
+The service returns verbalizer logits and nothing else: no gradients, no hidden
+states. It is an aiohttp app in one process rather than a Ray Serve deployment:
+it stands in for a third party's API, so it must run where there is no Ray
+cluster at all; it starts in a second (tests and benchmarks start many); and on a
+small machine one process leaves the cores to the model instead of to a
+controller, a proxy and replica processes. Concurrent requests are batched into
+one forward by a single model thread, so batching costs no timer: while one
+forward runs, the next batch gathers.
+
+API (JSON; arrays as ``{"dtype": "float32", "shape": [...], "data": base64}``,
+little-endian; every route but ``/v1/health`` needs ``Authorization: Bearer <token>``):
+
+- ``GET /v1/health``: ``{"status": "ok"}``.
+- ``GET /v1/info``: model, kind, hidden_size, embedding_std, vocab_size and the limits.
+- ``POST /v1/embed`` ``{"token_ids": [...]}``: ``{"embeddings": array (k, h)}``.
+- ``POST /v1/score`` ``{"template", "verbalizer", "prompt": array (n, h), "inputs":
+  [{"text", "text_pair"?}], "max_text_tokens"?}``: ``{"logits": array (B, C), ...}``.
+  An ``Idempotency-Key`` header makes a retried call return the first answer, billed once.
+- ``GET /v1/stats``: requests, billed calls, 429s, batches.
+
+A bad request gets a 4xx with ``{"error": {"code", "message"}}``; over the rate
+limit or with a full queue, a 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from gdfo_ray.config import _check_int, _check_positive
+from gdfo_ray.exceptions import ConfigError
+from gdfo_ray.ratelimit import Pacer
+from gdfo_ray.wire import WireError, decode_array, encode_array
+
+log = logging.getLogger("gdfo_ray.serve")
+
+TOKEN_ENV = "GDFO_SERVE_TOKEN"
+_SCORE_FIELDS = {"template", "verbalizer", "prompt", "inputs", "max_text_tokens"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The service's settings; every limit is checked on every request.
+
+    Args:
+        model: HF model id or local path served (None with ``simulate_latency_s``).
+        host, port: where to listen (port 0 picks a free one).
+        token: the bearer token; None reads ``$GDFO_SERVE_TOKEN``, else one is generated and printed.
+        kind, dtype, device, threads: how the model is loaded and run.
+        max_batch_rows: (prompt x input) rows one forward may take across batched requests.
+        max_inputs, max_text_chars, max_text_tokens, max_prompt_tokens, max_classes: request limits.
+        max_body_mb: largest request body.
+        max_queue: requests waiting for the model; beyond it the service answers 429.
+        rate_limit, rate_burst: requests per second accepted (None: no limit); above it, 429.
+        idempotency_cache: answers kept for retried calls (by ``Idempotency-Key``).
+        simulate_latency_s: serve a simulated black box with this fixed latency instead of a
+            model (benchmarks, tests); its logits are a fixed function of prompt and text.
+        simulate_hidden: the simulated model's hidden size.
+    """
+
+    model: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: Optional[str] = None
+    kind: str = "auto"
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int = 0
+    max_batch_rows: int = 256
+    max_inputs: int = 512
+    max_text_chars: int = 4000
+    max_text_tokens: int = 128
+    max_prompt_tokens: int = 256
+    max_classes: int = 64
+    max_body_mb: float = 64.0
+    max_queue: int = 1024
+    rate_limit: Optional[float] = None
+    rate_burst: int = 1
+    idempotency_cache: int = 8192
+    simulate_latency_s: Optional[float] = None
+    simulate_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.simulate_latency_s is None):
+            raise ConfigError("Either pass a model to serve (--model) or --simulate-latency for a simulated one, "
+                              "not both and not neither.")
+        _check_int("port", self.port, 0)
+        for name in ("max_batch_rows", "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens",
+                     "max_queue", "rate_burst", "idempotency_cache", "simulate_hidden"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("max_classes", self.max_classes, 2)
+        _check_int("threads", self.threads, 0)
+        _check_positive("max_body_mb", self.max_body_mb)
+        if self.rate_limit is not None:
+            _check_positive("rate_limit", self.rate_limit)
+        if self.simulate_latency_s is not None:
+            _check_positive("simulate_latency_s", self.simulate_latency_s, allow_zero=True)
+        if self.token is not None and len(self.token) < 8:
+            raise ConfigError("token must be at least 8 characters long.")
+
+    def limits(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens",
+                                              "max_classes", "max_body_mb", "max_batch_rows")}
+
+
+@dataclass
+class ScoreRequest:
+    template: str
+    verbalizer: tuple
+    prompt: np.ndarray  # (n, h) float32
+    texts: list
+    pairs: Optional[list]
+    max_text_tokens: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.texts)
+
+
+def parse_score_request(body: Any, config: ServeConfig, hidden_size: int) -> ScoreRequest:
+    """Check every field of a ``/v1/score`` body; raises :class:`WireError` naming the first bad one."""
+    if not isinstance(body, dict):
+        raise WireError("The body must be a JSON object.")
+    unknown = set(body) - _SCORE_FIELDS
+    if unknown:
+        raise WireError(f"Unknown fields {sorted(unknown)}; allowed: {sorted(_SCORE_FIELDS)}.")
+    missing = {"template", "verbalizer", "prompt", "inputs"} - set(body)
+    if missing:
+        raise WireError(f"Missing fields {sorted(missing)}.")
+    template = body["template"]
+    if not isinstance(template, str) or not 0 < len(template) <= 1000:
+        raise WireError("template must be a string of 1 to 1000 characters.")
+    verbalizer = body["verbalizer"]
+    if (not isinstance(verbalizer, list) or not 2 <= len(verbalizer) <= config.max_classes
+            or not all(isinstance(w, str) and 0 < len(w) <= 50 for w in verbalizer)):
+        raise WireError(f"verbalizer must be a list of 2 to {config.max_classes} words (strings of 1 to 50 "
+                        "characters).")
+    prompt = decode_array(body["prompt"], "prompt", ndim=2, max_elements=config.max_prompt_tokens * hidden_size)
+    if prompt.shape[1] != hidden_size:
+        raise WireError(f"prompt must have shape (n, {hidden_size}) for this model, but got {list(prompt.shape)}.")
+    if prompt.shape[0] > config.max_prompt_tokens:
+        raise WireError(f"prompt has {prompt.shape[0]} tokens; the limit is {config.max_prompt_tokens}.")
+    inputs = body["inputs"]
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= config.max_inputs:
+        raise WireError(f"inputs must be a list of 1 to {config.max_inputs} objects.")
+    pair = isinstance(inputs[0], dict) and "text_pair" in inputs[0]
+    texts, pairs = [], [] if pair else None
+    for i, item in enumerate(inputs):
+        keys = {"text", "text_pair"} if pair else {"text"}
+        if not isinstance(item, dict) or set(item) != keys:
+            raise WireError(f"inputs[{i}] must be an object with exactly the fields {sorted(keys)} (every input "
+                            "of a request has the same fields).")
+        for key in sorted(keys):
+            value = item[key]
+            if not isinstance(value, str) or len(value) > config.max_text_chars:
+                raise WireError(f"inputs[{i}].{key} must be a string of at most {config.max_text_chars} characters.")
+        texts.append(item["text"])
+        if pair:
+            pairs.append(item["text_pair"])
+    max_tokens = body.get("max_text_tokens", config.max_text_tokens)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= config.max_text_tokens:
+        raise WireError(f"max_text_tokens must be an integer from 1 to {config.max_text_tokens}.")
+    from gdfo_ray.tasks import validate_template
+
+    validate_template(template, pair)
+    return ScoreRequest(template, tuple(verbalizer), prompt, texts, pairs, max_tokens)
+
+
+class SimulatedScorer:
+    """A black box with a fixed latency and no model: logits are a fixed function of prompt and text.
+
+    Requests do not queue: like a large remote service, it answers every call after
+    ``latency`` whatever the concurrency, so what a benchmark measures is the client.
+    """
+
+    kind = "causal_lm"
+
+    def __init__(self, config: ServeConfig):
+        self.latency, self.hidden = config.simulate_latency_s, config.simulate_hidden
+        self.directions = np.random.default_rng(0).normal(size=(config.max_classes, self.hidden)).astype(np.float32)
+
+    def info(self) -> dict:
+        return {"model": f"simulated(latency={self.latency}s)", "kind": self.kind, "hidden_size": self.hidden,
+                "embedding_std": 1.0, "vocab_size": 1000}
+
+    def embed(self, ids: list) -> np.ndarray:
+        return np.stack([np.random.default_rng(i).normal(size=self.hidden).astype(np.float32) for i in ids])
+
+    async def score(self, req: ScoreRequest) -> np.ndarray:
+        await asyncio.sleep(self.latency)
+        c = len(req.verbalizer)
+        signal = np.tanh(self.directions[:c] @ req.prompt.mean(axis=0) / math.sqrt(self.hidden))
+        noise = np.stack([np.random.default_rng(zlib.crc32(t.encode())).normal(size=c) for t in req.texts])
+        return (2.0 * signal[None, :] + noise).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Pending:
+    view: Any
+    enc: Any
+    prompt: np.ndarray
+    rows: int
+    future: asyncio.Future
+
+
+class ModelScorer:
+    """An HF LM behind a queue: one model thread takes as many waiting requests as fit one forward."""
+
+    def __init__(self, config: ServeConfig):
+        from gdfo_ray.models import load_lm, pick_device, set_threads
+
+        set_threads(config.threads)
+        self.config = config
+        self.tokenizer, self.model, self.kind = load_lm(config.model, config.kind, config.dtype, need_lm_head=True)
+        self.model.to(pick_device(config.device))
+        self.model.requires_grad_(False)
+        self.embeddings = self.model.get_input_embeddings()
+        self._views: collections.OrderedDict = collections.OrderedDict()
+        self._encodings: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="gdfo-serve-model")
+        self._pending: collections.deque = collections.deque()
+        self._wakeup: Optional[asyncio.Event] = None
+        self._worker: Optional[asyncio.Task] = None
+        self.batches = 0
+        self.batched_requests = 0
+
+    def info(self) -> dict:
+        return {"model": self.config.model, "kind": self.kind, "hidden_size": int(self.embeddings.weight.shape[1]),
+                "embedding_std": float(self.embeddings.weight.detach().float().std()),
+                "vocab_size": int(self.embeddings.weight.shape[0])}
+
+    def embed(self, ids: list) -> np.ndarray:
+        import torch
+
+        vocab = self.embeddings.weight.shape[0]
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise WireError(f"token_ids must lie in [0, {vocab}), but got {bad[:5]}.")
+        with torch.inference_mode():
+            return self.embeddings(torch.as_tensor(ids, device=self.embeddings.weight.device)).float().cpu().numpy()
+
+    def _prepare(self, req: ScoreRequest):
+        """The request's view (template + verbalizer) and its encoded inputs, both cached (LRU)."""
+        from gdfo_ray.models import PromptedLM, encode_split
+        from gdfo_ray.tasks import Split, TaskSpec
+
+        key = (req.template, req.verbalizer, req.max_text_tokens)
+        with self._lock:
+            view = self._views.get(key)
+            if view is None:
+                spec = TaskSpec("request", req.verbalizer, req.verbalizer, req.pairs is not None, "accuracy", "ce",
+                                req.template, req.template)
+                view = PromptedLM(self.tokenizer, self.model, self.kind, spec, "verbalizer", str(self.config.model),
+                                  req.max_text_tokens, self.config.max_batch_rows)
+                self._views[key] = view
+                while len(self._views) > 64:
+                    self._views.popitem(last=False)
+            self._views.move_to_end(key)
+            enc_key = (key, tuple(req.texts), tuple(req.pairs) if req.pairs is not None else None)
+            enc = self._encodings.get(enc_key)
+        if enc is None:
+            split = Split(req.texts, req.pairs, np.zeros(req.rows, dtype=np.int64))
+            enc = encode_split(self.tokenizer, view.template, self.kind, split, req.max_text_tokens)
+            with self._lock:
+                self._encodings[enc_key] = enc
+                while len(self._encodings) > 256:
+                    self._encodings.popitem(last=False)
+        return view, enc
+
+    async def score(self, req: ScoreRequest) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        view, enc = await loop.run_in_executor(None, self._prepare, req)
+        if self._worker is None:
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.create_task(self._drain())
+        future = loop.create_future()
+        self._pending.append(_Pending(view, enc, req.prompt, req.rows, future))
+        self._wakeup.set()
+        return await future
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, rows = [], 0
+            while self._pending and (not batch or rows + self._pending[0].rows <= self.config.max_batch_rows):
+                item = self._pending.popleft()
+                batch.append(item)
+                rows += item.rows
+            self.batches += 1
+            self.batched_requests += len(batch)
+            try:
+                outs = await loop.run_in_executor(self._model_thread, self._forward, batch)
+            except Exception as e:  # handed to each waiting request, which answers 500
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+            else:
+                for item, out in zip(batch, outs):
+                    if not item.future.done():
+                        item.future.set_result(out)
+
+    def _forward(self, batch: list) -> list:
+        """One forward per group of requests sharing a view and a prompt length."""
+        import torch
+
+        from gdfo_ray.models import EncodedSplit
+
+        outs: list = [None] * len(batch)
+        groups: dict = collections.defaultdict(list)
+        for i, item in enumerate(batch):
+            groups[(id(item.view), item.prompt.shape[0])].append(i)
+        for members in groups.values():
+            view = batch[members[0]].view
+            before, after, slots, prompts = [], [], [], []
+            for i in members:
+                item = batch[i]
+                before += item.enc.before
+                after += item.enc.after
+                slots.append(item.enc.slot)
+                prompts.append(np.broadcast_to(item.prompt, (item.rows, *item.prompt.shape)))
+            merged = EncodedSplit(before, after, np.concatenate(slots))
+            device = view.device
+            with torch.inference_mode():
+                p = torch.tensor(np.concatenate(prompts), dtype=torch.float32, device=device)
+                logits = view.score(p, np.arange(len(before)), merged).cpu().numpy()
+            start = 0
+            for i in members:
+                outs[i] = logits[start:start + batch[i].rows]
+                start += batch[i].rows
+        return outs
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._model_thread.shutdown(wait=False)
+
+
+def make_scorer(config: ServeConfig):
+    return SimulatedScorer(config) if config.simulate_latency_s is not None else ModelScorer(config)
+
+
+class _Stats:
+    def __init__(self):
+        self.counts = collections.Counter()
+        self.billed_keys: set = set()
+
+
+def build_app(config: ServeConfig, scorer, token: str):
+    """The aiohttp application; ``scorer`` answers (see :class:`ModelScorer`, :class:`SimulatedScorer`)."""
+    from aiohttp import web
+
+    info = {**scorer.info(), "limits": config.limits()}
+    pacer = Pacer(config.rate_limit, config.rate_burst)
+    stats = _Stats()
+    answers: collections.OrderedDict = collections.OrderedDict()  # Idempotency-Key -> Future of the answer
+
+    def error(status: int, message: str, headers: Optional[dict] = None):
+        return web.json_response({"error": {"code": status, "message": message}}, status=status, headers=headers)
+
+    @web.middleware
+    async def guard(request, handler):
+        if request.path != "/v1/health":
+            given = request.headers.get("Authorization", "")
+            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
+                stats.counts["unauthorized"] += 1
+                return error(401, "Missing or wrong bearer token (header 'Authorization: Bearer <token>').")
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status >= 400:
+                stats.counts[f"http_{e.status}"] += 1
+                return error(e.status, e.text or e.reason, {"Allow": e.headers["Allow"]} if "Allow" in e.headers
+                             else None)
+            raise
+        except (WireError, ConfigError) as e:
+            stats.counts["bad_request"] += 1
+            return error(400, str(e))
+        except Exception as e:  # the service stays up; the client sees what went wrong
+            log.exception("request to %s failed", request.path)
+            stats.counts["server_error"] += 1
+            return error(500, f"Internal error: {type(e).__name__}: {e}")
+
+    async def read_json(request) -> Any:
+        try:
+            return await request.json()
+        except ValueError as e:
+            raise WireError(f"The body is not valid JSON: {e}.") from e
+
+    async def health(request):
+        return web.json_response({"status": "ok"})
+
+    async def get_info(request):
+        return web.json_response(info)
+
+    async def embed(request):
+        body = await read_json(request)
+        ids = body.get("token_ids") if isinstance(body, dict) else None
+        if (not isinstance(ids, list) or not 1 <= len(ids) <= 4096
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise WireError("token_ids must be a list of 1 to 4096 integers.")
+        if any(not 0 <= i < info["vocab_size"] for i in ids):
+            raise WireError(f"token_ids must lie in [0, {info['vocab_size']}).")
+        return web.json_response({"embeddings": encode_array(scorer.embed(ids))})
+
+    async def score(request):
+        stats.counts["requests"] += 1
+        wait = pacer.try_acquire(time.monotonic())
+        if wait > 0:
+            stats.counts["rate_limited"] += 1
+            return error(429, f"Rate limit of {config.rate_limit:g} calls/s exceeded.",
+                         {"Retry-After": str(max(1, math.ceil(wait)))})
+        if getattr(scorer, "queued", 0) >= config.max_queue:
+            stats.counts["queue_full"] += 1
+            return error(429, f"The service has {config.max_queue} calls queued.", {"Retry-After": "1"})
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not 0 < len(key) <= 200:
+            raise WireError("Idempotency-Key must be 1 to 200 characters.")
+        req = parse_score_request(await read_json(request), config, info["hidden_size"])
+        if key is not None and key in answers:
+            stats.counts["replayed"] += 1
+            logits = await asyncio.shield(answers[key])
+        else:
+            future = asyncio.get_running_loop().create_future()
+            if key is not None:
+                answers[key] = future
+                while len(answers) > config.idempotency_cache:
+                    answers.popitem(last=False)
+            try:
+                logits = await scorer.score(req)
+            except asyncio.CancelledError:
+                answers.pop(key, None)
+                future.cancel()
+                raise
+            except Exception as e:  # a replay waiting on this call gets the same error
+                answers.pop(key, None)
+                future.set_exception(e)
+                future.exception()  # retrieved: no "never retrieved" warning when nobody replays
+                raise
+            future.set_result(logits)
+            stats.counts["billed"] += 1
+        return web.json_response({"logits": encode_array(logits), "model": info["model"]})
+
+    async def get_stats(request):
+        out = dict(stats.counts)
+        out["batches"] = getattr(scorer, "batches", 0)
+        out["batched_requests"] = getattr(scorer, "batched_requests", 0)
+        return web.json_response(out)
+
+    async def on_cleanup(app):
+        scorer.close()
+
+    app = web.Application(middlewares=[guard], client_max_size=int(config.max_body_mb * 2**20))
+    app.add_routes([web.get("/v1/health", health), web.get("/v1/info", get_info), web.post("/v1/embed", embed),
+                    web.post("/v1/score", score), web.get("/v1/stats", get_stats)])
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def resolve_token(config: ServeConfig) -> tuple[str, bool]:
+    """The token to require, and whether it was generated here (then it must be shown once)."""
+    if config.token:
+        return config.token, False
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV], False
+    return secrets.token_urlsafe(24), True
+
+
+class ServerHandle:
+    """A service running in a background thread (tests, benchmarks, notebooks)."""
+
+    def __init__(self, url: str, token: str, loop, runner, thread):
+        self.url, self.token = url, token
+        self._loop, self._runner, self._thread = loop, runner, thread
+
+    def stats(self) -> dict:
+        import requests
+
+        return requests.get(self.url + "/v1/stats", headers={"Authorization": f"Bearer {self.token}"},
+                            timeout=10).json()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def _start(config: ServeConfig, scorer, token: str):
+    from aiohttp import web
+
+    runner = web.AppRunner(build_app(config, scorer, token), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://{config.host}:{port}"
+
+
+def start_in_thread(config: ServeConfig, scorer=None) -> ServerHandle:
+    """Start the service on its own event loop thread; returns once it accepts requests."""
+    token, _ = resolve_token(config)
+    scorer = scorer if scorer is not None else make_scorer(config)
+    loop = asyncio.new_event_loop()
+    started: dict = {}
+    ready = threading.Event()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            started["runner"], started["url"] = loop.run_until_complete(_start(config, scorer, token))
+        except BaseException as e:  # reported to the caller below
+            started["error"] = e
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=main, name="gdfo-serve", daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in started:
+        raise started["error"]
+    return ServerHandle(started["url"], token, loop, started["runner"], thread)
+
+
+def serve(config: ServeConfig, say=print) -> None:
+    """Run the service in the foreground until interrupted."""
+    token, generated = resolve_token(config)
+    scorer = make_scorer(config)
+    info = scorer.info()
+
+    async def main() -> None:
+        runner, url = await _start(config, scorer, token)
+        say(f"[gdfo serve] {info['model']} ({info['kind']}, hidden {info['hidden_size']}) on {url}")
+        if generated:
+            say(f"[gdfo serve] token (set GDFO_TEACHER_TOKEN to it on the client): {token}")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        say("[gdfo serve] stopped")
