@@ -150,11 +150,13 @@ def parse_score_request(body: Any, config: ServeConfig, hidden_size: int) -> Sco
             or not all(isinstance(w, str) and 0 < len(w) <= 50 for w in verbalizer)):
         raise WireError(f"verbalizer must be a list of 2 to {config.max_classes} words (strings of 1 to 50 "
                         "characters).")
+    shape = body["prompt"].get("shape") if isinstance(body["prompt"], dict) else None
+    if isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) for s in shape):
+        if shape[1] != hidden_size:
+            raise WireError(f"prompt must have shape (n, {hidden_size}) for this model, but got {shape}.")
+        if shape[0] > config.max_prompt_tokens:
+            raise WireError(f"prompt has {shape[0]} tokens; the limit is {config.max_prompt_tokens}.")
     prompt = decode_array(body["prompt"], "prompt", ndim=2, max_elements=config.max_prompt_tokens * hidden_size)
-    if prompt.shape[1] != hidden_size:
-        raise WireError(f"prompt must have shape (n, {hidden_size}) for this model, but got {list(prompt.shape)}.")
-    if prompt.shape[0] > config.max_prompt_tokens:
-        raise WireError(f"prompt has {prompt.shape[0]} tokens; the limit is {config.max_prompt_tokens}.")
     inputs = body["inputs"]
     if not isinstance(inputs, list) or not 1 <= len(inputs) <= config.max_inputs:
         raise WireError(f"inputs must be a list of 1 to {config.max_inputs} objects.")

@@ -1,0 +1,207 @@
+"""gdfo serve: auth, validation, batching, idempotency, rate limits; and the run against it."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from gdfo_ray.exceptions import ConfigError
+from gdfo_ray.serve import ServeConfig, start_in_thread
+from gdfo_ray.wire import encode_array
+
+TOKEN = "test-token-123"
+TEMPLATE = "{prompt} {text} It was {mask}"
+
+
+@pytest.fixture(scope="module")
+def service(tiny_models):
+    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1,
+                                     max_inputs=16, max_text_chars=200, max_prompt_tokens=8,
+                                     max_body_mb=0.05)) as handle:
+        yield handle
+
+
+def _post(service, path, body, token=TOKEN, **headers):
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(service.url + path, data=data, headers=headers, timeout=30)
+
+
+def _body(hidden=32, n=2, texts=("the movie was good", "it was awful"), seed=0, **extra):
+    prompt = np.random.default_rng(seed).normal(size=(n, hidden)).astype(np.float32)
+    return {"template": TEMPLATE, "verbalizer": ["bad", "great"], "prompt": encode_array(prompt),
+            "inputs": [{"text": t} for t in texts], **extra}
+
+
+def test_routes_need_the_bearer_token_except_health(service):
+    assert requests.get(service.url + "/v1/health", timeout=10).json() == {"status": "ok"}
+    for token in (None, "wrong-token"):
+        r = _post(service, "/v1/score", _body(), token=token)
+        assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
+    info = requests.get(service.url + "/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
+    assert info["kind"] == "causal_lm" and info["hidden_size"] == 32 and info["limits"]["max_inputs"] == 16
+
+
+def test_score_matches_the_in_process_teacher(service, tiny_config):
+    from gdfo_ray.local_teacher import LocalTeacher
+    from gdfo_ray.tasks import load_task
+
+    config = tiny_config()
+    data = load_task(config.task, config.seed)
+    prompt = np.random.default_rng(1).normal(size=(2, 32)).astype(np.float32)
+    local = LocalTeacher(config, data).query(prompt[None], "dev", np.arange(len(data.dev)))[0]
+    body = {"template": data.spec.template_for("causal_lm"), "verbalizer": list(data.spec.verbalizer),
+            "prompt": encode_array(prompt), "inputs": [{"text": t} for t in data.dev.text],
+            "max_text_tokens": config.task.max_text_tokens}
+    r = _post(service, "/v1/score", body)
+    assert r.status_code == 200, r.text
+    from gdfo_ray.wire import decode_array
+
+    np.testing.assert_allclose(decode_array(r.json()["logits"], "logits"), local, rtol=1e-4, atol=1e-5)
+
+
+def _bad_prompt_bytes():
+    body = _body()
+    body["prompt"]["data"] = base64.b64encode(b"\x00" * 12).decode()
+    return body
+
+
+def _nan_prompt():
+    body = _body()
+    body["prompt"] = encode_array(np.full((2, 32), np.nan, np.float32))
+    return body
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not valid JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({**_body(), "temperature": 1}, 400, "Unknown fields ['temperature']"),
+    ({k: v for k, v in _body().items() if k != "inputs"}, 400, "Missing fields ['inputs']"),
+    (_body(hidden=16), 400, "shape (n, 32)"),
+    (_body(n=9), 400, "limit is 8"),
+    (_bad_prompt_bytes(), 400, "needs 256"),
+    (_nan_prompt(), 400, "NaN"),
+    ({**_body(), "prompt": {**_body()["prompt"], "dtype": "float64"}}, 400, "prompt.dtype"),
+    ({**_body(), "prompt": {**_body()["prompt"], "data": "%%%"}}, 400, "base64"),
+    (_body(texts=["x"] * 17), 400, "1 to 16 objects"),
+    (_body(texts=["a" * 201]), 400, "at most 200 characters"),
+    ({**_body(), "inputs": [{"text": "a", "label": 1}]}, 400, "exactly the fields"),
+    ({**_body(), "verbalizer": ["bad"]}, 400, "verbalizer must be"),
+    ({**_body(), "verbalizer": ["bad", "zzzunknownword"]}, 400, "not a single token"),
+    ({**_body(), "template": "{text} It was {mask}"}, 400, "{prompt} exactly once"),
+    ({**_body(), "template": "{prompt} {mask} {text} ."}, 400, "must end the template"),
+    ({**_body(), "max_text_tokens": 10_000}, 400, "max_text_tokens"),
+    (b'{"template": "' + b"a" * 60_000 + b'"}', 413, "Maximum request body size"),
+])
+def test_bad_requests_get_a_4xx_with_a_message_and_the_service_stays_up(service, body, status, message):
+    r = _post(service, "/v1/score", body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+    assert requests.get(service.url + "/v1/health", timeout=10).status_code == 200
+
+
+def test_other_routes_validate_too(service):
+    assert _post(service, "/v1/embed", {"token_ids": [10**9]}).status_code == 400
+    assert _post(service, "/v1/embed", {"token_ids": "1,2"}).status_code == 400
+    r = requests.get(service.url + "/v1/score", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+    assert requests.get(service.url + "/v1/nowhere", headers={"Authorization": f"Bearer {TOKEN}"},
+                        timeout=10).status_code == 404
+
+
+def test_concurrent_calls_share_forwards_and_answer_as_alone(service):
+    bodies = [_body(seed=i) for i in range(12)]
+    alone = [_post(service, "/v1/score", b).json()["logits"] for b in bodies[:3]]
+    before = service.stats()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda b: _post(service, "/v1/score", b), bodies))
+    after = service.stats()
+    assert all(a.status_code == 200 for a in answers)
+    from gdfo_ray.wire import decode_array
+
+    for a, b in zip(alone, answers):
+        np.testing.assert_allclose(decode_array(b.json()["logits"], "l"), decode_array(a, "l"), rtol=1e-4, atol=1e-5)
+    assert after["batched_requests"] - before["batched_requests"] == 12
+    assert after["batches"] - before["batches"] < 12  # some calls shared a forward
+
+
+def test_a_retried_call_with_the_same_idempotency_key_is_billed_once(service):
+    before = service.stats()
+    first = _post(service, "/v1/score", _body(seed=5), **{"Idempotency-Key": "call-abc"})
+    again = _post(service, "/v1/score", _body(seed=5), **{"Idempotency-Key": "call-abc"})
+    after = service.stats()
+    assert first.json()["logits"] == again.json()["logits"]
+    assert after["billed"] - before.get("billed", 0) == 1
+    assert after["replayed"] - before.get("replayed", 0) == 1
+
+
+def test_the_service_rate_limit_answers_429_with_retry_after():
+    with start_in_thread(ServeConfig(simulate_latency_s=0.0, port=0, token=TOKEN, rate_limit=1.0)) as s:
+        codes = [_post(s, "/v1/score", _body(hidden=64)) for _ in range(3)]
+    assert codes[0].status_code == 200
+    assert [c.status_code for c in codes[1:]] == [429, 429]
+    assert codes[1].headers["Retry-After"] == "1"
+
+
+def test_serve_config_is_validated():
+    with pytest.raises(ConfigError, match="Either pass a model"):
+        ServeConfig()
+    with pytest.raises(ConfigError, match="max_inputs must be an integer >= 1"):
+        ServeConfig(model="m", max_inputs=0)
+    with pytest.raises(ConfigError, match="at least 8 characters"):
+        ServeConfig(model="m", token="short")
+
+
+def test_gdfo_serve_command_starts_answers_and_stops_on_sigint(tiny_models):
+    env = {**os.environ, "GDFO_SERVE_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "gdfo_ray.cli", "serve", "--model", tiny_models["causal"],
+                             "--port", "0", "--threads", "1"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        deadline = time.time() + 120
+        while "http://" not in line and time.time() < deadline:
+            line = proc.stderr.readline()
+        url = line.split(" on ")[-1].strip()
+        assert requests.get(url + "/v1/health", timeout=10).status_code == 200
+        info = requests.get(url + "/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        assert info.json()["hidden_size"] == 32
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_a_run_against_the_service_bills_exactly_its_calls(service, tiny_config, tmp_path, monkeypatch):
+    from gdfo_ray.api import run
+
+    monkeypatch.setenv("GDFO_TEACHER_TOKEN", TOKEN)
+    local = run(tiny_config(output_dir=str(tmp_path / "local")), progress=None)
+    before = service.stats()
+    remote = run(tiny_config(output_dir=str(tmp_path / "remote"), **{"model.teacher": service.url}), progress=None)
+    after = service.stats()
+    np.testing.assert_allclose([r["fitness_best"] for r in remote.history],
+                               [r["fitness_best"] for r in local.history], rtol=1e-4)
+    s = remote.summary
+    # Train calls + dev calls + the two test scores (manual and tuned prompt), each billed once.
+    assert after["billed"] - before.get("billed", 0) == s["calls"] + s["dev_calls"] + 2
+    assert s["calls"] == 24
+
+
+def test_a_service_teacher_without_a_token_is_refused_clearly(service, tiny_config, tmp_path, monkeypatch):
+    from gdfo_ray.api import run
+    from gdfo_ray.exceptions import TeacherError
+
+    monkeypatch.delenv("GDFO_TEACHER_TOKEN", raising=False)
+    with pytest.raises(TeacherError, match=r"set \$GDFO_TEACHER_TOKEN"):
+        run(tiny_config(output_dir=str(tmp_path / "r"), **{"model.teacher": service.url}), progress=None)
