@@ -119,8 +119,10 @@ def make_ray_teacher_pool(config: GDFOConfig, data: TaskData) -> RayTeacherPool:
         ray.get([a.node_id.remote() for a in actors])  # surfaces a failed start (bad model, bad URL) here
     except RayActorError as e:
         raise TeacherError(f"A teacher-query actor failed to start: {e}") from e
-    return RayTeacherPool(actors, one_call_per_piece=service, slots_per_teacher=p.calls_per_actor,
+    pool = RayTeacherPool(actors, one_call_per_piece=service, slots_per_teacher=p.calls_per_actor,
                           max_requeries=p.max_requeries)
+    pool.data_ref = data_ref  # a restarted actor is built again from it, so it must outlive the start
+    return pool
 
 
 class StudentRestarted(GDFOError):
@@ -220,7 +222,9 @@ def make_ray_student_group(config: GDFOConfig, data: TaskData) -> RayStudentGrou
                                             max_restarts=p.max_actor_restarts)
     data_ref = ray.put(data)
     workers = [cls.remote(config, data_ref) for _ in range(p.n_student_workers)]
-    return RayStudentGroup(workers, max_recoveries=p.max_actor_restarts)
+    group = RayStudentGroup(workers, max_recoveries=p.max_actor_restarts)
+    group.data_ref = data_ref  # see make_ray_teacher_pool
+    return group
 
 
 def shutdown_actors(*pools) -> None:

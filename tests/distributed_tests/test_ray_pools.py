@@ -8,13 +8,6 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_ray_run_matches_in_process_run(local_ray, tiny_config, tmp_path):
     from gdfo_ray.api import run
 

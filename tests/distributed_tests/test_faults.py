@@ -1,0 +1,134 @@
+"""Faults: teacher actors and student workers die mid-run, the driver is killed; results do not change."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.ray
+
+TOKEN = "fault-test-token"
+
+
+@pytest.fixture
+def simulated_service(monkeypatch):
+    from gdfo_ray.serve import ServeConfig, start_in_thread
+
+    monkeypatch.setenv("GDFO_TEACHER_TOKEN", TOKEN)
+    with start_in_thread(ServeConfig(simulate_latency_s=0.5, port=0, token=TOKEN)) as handle:
+        yield handle
+
+
+def test_a_teacher_actor_killed_mid_call_is_restarted_and_its_calls_requeried_and_billed_once(
+        local_ray, tiny_config, simulated_service):
+    from gdfo_ray.distributed import make_ray_teacher_pool
+    from gdfo_ray.tasks import load_task
+
+    config = tiny_config(**{"model.teacher": simulated_service.url, "pool.backend": "ray",
+                            "pool.n_teacher_actors": 2, "pool.teacher_num_cpus": 0.0})
+    data = load_task(config.task, config.seed)
+    pool = make_ray_teacher_pool(config, data)
+    prompts = np.random.default_rng(0).normal(size=(6, 2, 64)).astype(np.float32)
+    keys = [f"k{i}" for i in range(6)]
+    expected = pool.query(prompts, "train", np.arange(len(data.train)), [f"ref{i}" for i in range(6)])
+    billed = simulated_service.stats()["billed"]
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        logits=pool.query(prompts, "train", np.arange(len(data.train)), keys)))
+    worker.start()
+    time.sleep(0.25)  # both actors are waiting on the service
+    ray.kill(pool.teachers[0], no_restart=False)
+    worker.join(timeout=120)
+
+    np.testing.assert_array_equal(result["logits"], expected)
+    assert pool.requeried >= 1
+    assert simulated_service.stats()["billed"] - billed == 6  # the re-queried calls were replays, not new bills
+    assert ray.get(pool.teachers[0].node_id.remote())  # restarted, and serving again
+
+
+def _drive(config, data, kill_at=None):
+    """A whole GDFO run on Ray pools; at generation ``kill_at`` a teacher actor and the student worker die."""
+    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, shutdown_actors
+    from gdfo_ray.driver import Driver
+    from gdfo_ray.prompt import PromptSpace
+
+    teacher, student = make_ray_teacher_pool(config, data), make_ray_student_group(config, data)
+    info = teacher.describe()
+    space = PromptSpace.create(config.prompt, config.seed, info.hidden_size, info.embedding_std, info.vocab_size,
+                               teacher.embed_tokens)
+
+    def hook(driver, row):
+        if row["generation"] == kill_at:
+            ray.kill(teacher.teachers[0], no_restart=False)
+            ray.kill(student.workers[0], no_restart=False)
+
+    try:
+        driver = Driver(config, data, teacher, student, space, hooks=(hook,))
+        driver.run()
+        return driver.state, student.recoveries, student.state()
+    finally:
+        shutdown_actors(teacher, student)
+
+
+def test_a_run_whose_actors_die_ends_as_an_uninterrupted_run(local_ray, tiny_config):
+    from gdfo_ray.tasks import load_task
+
+    config = tiny_config(**{"pool.backend": "ray", "pool.n_teacher_actors": 2, "pool.teacher_num_cpus": 0.5,
+                            "pool.student_num_cpus": 0.5, "pool.student_num_gpus": 0.0})
+    data = load_task(config.task, config.seed)
+    clean, _, clean_student = _drive(config, data)
+    faulty, recoveries, faulty_student = _drive(config, data, kill_at=2)
+    assert recoveries >= 1  # the restarted worker was given the last weights before going on
+    assert [r["calls"] for r in faulty.history] == [r["calls"] for r in clean.history]
+    for key in ("fitness_best", "kd_loss", "dev_score", "rho"):
+        np.testing.assert_allclose([r.get(key, np.nan) for r in faulty.history],
+                                   [r.get(key, np.nan) for r in clean.history], rtol=1e-6)
+    for name, weight in clean_student["model"].items():
+        np.testing.assert_allclose(faulty_student["model"][name].numpy(), weight.numpy(), rtol=1e-6)
+
+
+def test_a_killed_driver_resumed_ends_as_an_uninterrupted_run(tiny_config, tmp_path):
+    """SIGKILL to `gdfo run` mid-run, then `--resume`: the same results as a run never interrupted."""
+    base = tiny_config(**{"search.budget_calls": 160, "search.eval_every_calls": 16})
+
+    def command(out, resume=False):
+        path = tmp_path / f"{os.path.basename(out)}.yaml"
+        path.write_text(yaml.safe_dump({**base.to_dict(), "output_dir": str(out)}))
+        return [sys.executable, "-m", "gdfo_ray.cli", "run", "--config", str(path)] + (["--resume"] if resume else [])
+
+    subprocess.run(command(tmp_path / "clean"), check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("gen   5 "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(command(killed, resume=True), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    import json
+
+    clean_summary = json.loads((tmp_path / "clean" / "summary.json").read_text())
+    resumed_summary = json.loads((killed / "summary.json").read_text())
+    for key in ("test", "dev_best", "calls", "dev_calls", "generations"):
+        assert resumed_summary[key] == clean_summary[key], key
+    import pyarrow.parquet as pq
+
+    clean_history = pq.read_table(tmp_path / "clean" / "history.parquet").to_pydict()
+    resumed_history = pq.read_table(killed / "history.parquet").to_pydict()
+    assert resumed_history["fitness_best"] == clean_history["fitness_best"]
