@@ -1,0 +1,70 @@
+"""A simulated 3-node cluster: a head, a GPU node (a logical GPU) and a teacher node (custom resource)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.ray
+
+TOKEN = "cluster-test-token"
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    teacher_node = cluster.add_node(num_cpus=1, resources={"teacher": 4})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id, "teacher": teacher_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _cluster_config(tiny_config, **overrides):
+    return tiny_config(**{"pool.backend": "ray", "pool.teacher_resources": {"teacher": 1},
+                          "pool.teacher_num_cpus": 0.0, "pool.student_num_cpus": 0.0, **overrides})
+
+
+def test_teacher_actors_land_on_teacher_nodes_and_students_share_the_gpu_node(three_nodes, tiny_config):
+    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, shutdown_actors
+    from gdfo_ray.tasks import load_task
+
+    config = _cluster_config(tiny_config, **{"pool.n_teacher_actors": 2, "pool.n_student_workers": 2,
+                                             "pool.student_num_gpus": 0.5})
+    data = load_task(config.task, config.seed)
+    teachers, students = make_ray_teacher_pool(config, data), make_ray_student_group(config, data)
+    try:
+        assert set(ray.get([a.node_id.remote() for a in teachers.teachers])) == {three_nodes["teacher"]}
+        assert set(ray.get([w.node_id.remote() for w in students.workers])) == {three_nodes["gpu"]}
+    finally:
+        shutdown_actors(teachers, students)
+
+
+def test_a_gdfo_run_spans_the_cluster_against_a_served_black_box(three_nodes, tiny_config, tiny_models, tmp_path,
+                                                                 monkeypatch):
+    from gdfo_ray.api import run
+    from gdfo_ray.distributed import NAMESPACE
+    from gdfo_ray.serve import ServeConfig, start_in_thread
+
+    monkeypatch.setenv("GDFO_TEACHER_TOKEN", TOKEN)
+    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1)) as service:
+        config = _cluster_config(tiny_config, **{
+            "model.teacher": service.url, "output_dir": str(tmp_path / "run"), "pool.n_teacher_actors": 2,
+            "pool.calls_per_actor": 2, "pool.calls_per_s": 200.0, "pool.max_in_flight": 3})
+        result = run(config, progress=None)
+        stats = service.stats()
+    s = result.summary
+    assert s["calls"] == config.search.budget_calls
+    assert stats["billed"] == s["calls"] + s["dev_calls"] + 2  # each call billed once, none lost
+    assert np.isfinite(s["test"]["teacher_tuned"]) and "student" in s["test"]
+    limiter = ray.get_actor(f"gdfo_limiter:{service.url}", namespace=NAMESPACE)
+    limits = ray.get(limiter.stats.remote())
+    assert limits["peak_in_flight"] <= 3 and limits["acquired"] >= stats["billed"]
