@@ -129,13 +129,15 @@ class _Serve(_BaseCommand):
         parser.add_argument("--rate-burst", type=int, default=d.rate_burst)
         parser.add_argument("--simulate-latency", type=float, dest="simulate_latency_s",
                             help="serve a simulated black box with this latency (s) instead of a model")
+        parser.add_argument("--simulate-hidden", type=int, default=d.simulate_hidden,
+                            help="hidden size of the simulated black box")
 
     def take_action(self, args: argparse.Namespace) -> int:
         from gdfo_ray.serve import ServeConfig, serve
 
         fields = ("model", "host", "port", "token", "kind", "dtype", "device", "threads", "max_batch_rows",
                   "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens", "max_queue", "rate_limit",
-                  "rate_burst", "simulate_latency_s")
+                  "rate_burst", "simulate_latency_s", "simulate_hidden")
         serve(ServeConfig(**{f: getattr(args, f) for f in fields}),
               say=lambda line: print(line, file=sys.stderr, flush=True))
         return 0

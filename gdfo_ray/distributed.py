@@ -42,21 +42,26 @@ def init_ray(pool: PoolConfig) -> bool:
     return True
 
 
-def shared_limiter(key: str, calls_per_s: Optional[float], max_in_flight: Optional[int], burst: int = 1):
-    """The limiter actor of the black box ``key``: created once, found by name by every later pool.
+def make_limiter(pool: PoolConfig):
+    """The rate limiter actor every teacher of a pool shares (owned by the caller: it lives while held).
 
-    Runs (or Tune trials) in the same Ray job that query the same service share it,
-    so their calls together respect the service's limit. The first creator's
-    settings hold.
+    To share one limit among several pools (runs or trials querying the same
+    service), create it once in the process that outlives them and pass it to
+    :func:`make_ray_teacher_pool`.
     """
-    return ray.remote(LimiterActor).options(
-        name=f"gdfo_limiter:{key}", namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=10_000,
-        max_restarts=-1,
-    ).remote(calls_per_s, max_in_flight, burst)
+    return ray.remote(LimiterActor).options(num_cpus=0, max_concurrency=10_000).remote(
+        pool.calls_per_s, pool.max_in_flight, pool.rate_burst)
 
 
 class RayTeacherPool(TeacherPool):
-    """Pieces go to whichever actor has a free slot; a piece lost with its actor is sent again."""
+    """Pieces go to whichever actor has a free slot; a piece lost with its actor is sent again.
+
+    Each actor also holds ``queued_per_teacher`` pieces in its queue, so that it
+    starts the next call as soon as one ends instead of waiting a round trip to
+    the driver for it.
+    """
+
+    queued_per_teacher = 1
 
     def __init__(self, actors: list, *, one_call_per_piece: bool, slots_per_teacher: int, max_requeries: int):
         super().__init__(actors, one_call_per_piece=one_call_per_piece, slots_per_teacher=slots_per_teacher)
@@ -69,8 +74,9 @@ class RayTeacherPool(TeacherPool):
         waiting = collections.deque(range(len(pieces)))
         load = [0] * len(self.teachers)
         in_flight: dict = {}  # ObjectRef -> (piece, actor)
+        depth = self.slots_per_teacher + self.queued_per_teacher
         while waiting or in_flight:
-            while waiting and min(load) < self.slots_per_teacher:
+            while waiting and min(load) < depth:
                 actor = load.index(min(load))
                 piece = waiting.popleft()
                 ref = getattr(self.teachers[actor], method).remote(*pieces[piece])
@@ -97,8 +103,13 @@ class RayTeacherPool(TeacherPool):
         return ray.get([a.stats.remote() for a in self.teachers])
 
 
-def make_ray_teacher_pool(config: GDFOConfig, data: TaskData) -> RayTeacherPool:
-    """``n_teacher_actors`` actors, each holding a teacher (a local model, or a client of the service)."""
+def make_ray_teacher_pool(config: GDFOConfig, data: TaskData, limiter_actor: Any = None) -> RayTeacherPool:
+    """``n_teacher_actors`` actors, each holding a teacher (a local model, or a client of the service).
+
+    A service teacher's calls go through one limiter: ``limiter_actor`` if given
+    (shared with other pools), else a new one when ``pool.calls_per_s`` or
+    ``pool.max_in_flight`` is set.
+    """
     p, service = config.pool, config.model.teacher_is_service
     token = limiter = None
     if service:
@@ -106,9 +117,9 @@ def make_ray_teacher_pool(config: GDFOConfig, data: TaskData) -> RayTeacherPool:
         if not token:
             raise TeacherError(f"No token for the teacher service {config.model.teacher}: set "
                                f"${config.service.token_env} (service.token_env).")
-        if p.calls_per_s is not None or p.max_in_flight is not None:
-            limiter = SharedLimiter(shared_limiter(config.model.teacher, p.calls_per_s, p.max_in_flight,
-                                                   p.rate_burst))
+        if limiter_actor is None and (p.calls_per_s is not None or p.max_in_flight is not None):
+            limiter_actor = make_limiter(p)
+        limiter = SharedLimiter(limiter_actor, counts_in_flight=p.max_in_flight is not None) if limiter_actor is not None else None
     cls = ray.remote(TeacherHost).options(
         num_cpus=p.teacher_num_cpus, num_gpus=p.teacher_num_gpus, resources=dict(p.teacher_resources) or None,
         max_restarts=p.max_actor_restarts, max_concurrency=p.calls_per_actor,
@@ -122,6 +133,7 @@ def make_ray_teacher_pool(config: GDFOConfig, data: TaskData) -> RayTeacherPool:
     pool = RayTeacherPool(actors, one_call_per_piece=service, slots_per_teacher=p.calls_per_actor,
                           max_requeries=p.max_requeries)
     pool.data_ref = data_ref  # a restarted actor is built again from it, so it must outlive the start
+    pool.limiter = limiter_actor  # held here: the actor lives while its owner's handle does
     return pool
 
 

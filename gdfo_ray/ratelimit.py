@@ -78,7 +78,7 @@ class LocalLimiter:
 
 
 class LimiterActor:
-    """The body of the Ray actor that one black box's callers share (see :func:`gdfo_ray.distributed.shared_limiter`).
+    """The body of the Ray actor that one black box's callers share (see :func:`gdfo_ray.distributed.make_limiter`).
 
     Async, so thousands of waiting ``acquire`` calls cost no threads; it hands out
     slots in arrival order and start times from one :class:`Pacer`.
@@ -102,13 +102,14 @@ class LimiterActor:
                 self._slots = asyncio.Semaphore(self._max_in_flight)
             await self._slots.acquire()
         self.acquired += 1
-        self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        if self._max_in_flight:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         return self._pacer.reserve(time.monotonic())
 
     async def release(self) -> None:
-        self.in_flight -= 1
-        if self._slots is not None:
+        if self._max_in_flight:
+            self.in_flight -= 1
             self._slots.release()
 
     async def stats(self) -> dict:
@@ -119,8 +120,9 @@ class LimiterActor:
 class SharedLimiter:
     """A teacher's view of a :class:`LimiterActor`: the blocking ``acquire``/``release`` of :class:`LocalLimiter`."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, counts_in_flight: bool = True):
         self.handle = handle
+        self.counts_in_flight = counts_in_flight  # without an in-flight cap, release needs no message
 
     def acquire(self) -> None:
         import ray
@@ -130,4 +132,5 @@ class SharedLimiter:
             time.sleep(delay)
 
     def release(self) -> None:
-        self.handle.release.remote()
+        if self.counts_in_flight:
+            self.handle.release.remote()

@@ -195,6 +195,7 @@ class SimulatedScorer:
     def __init__(self, config: ServeConfig):
         self.latency, self.hidden = config.simulate_latency_s, config.simulate_hidden
         self.directions = np.random.default_rng(0).normal(size=(config.max_classes, self.hidden)).astype(np.float32)
+        self._noise_cache: dict = {}
 
     def info(self) -> dict:
         return {"model": f"simulated(latency={self.latency}s)", "kind": self.kind, "hidden_size": self.hidden,
@@ -203,11 +204,19 @@ class SimulatedScorer:
     def embed(self, ids: list) -> np.ndarray:
         return np.stack([np.random.default_rng(i).normal(size=self.hidden).astype(np.float32) for i in ids])
 
+    def _noise(self, text: str) -> np.ndarray:
+        noise = self._noise_cache.get(text)
+        if noise is None:
+            noise = np.random.default_rng(zlib.crc32(text.encode())).normal(size=self.directions.shape[0])
+            if len(self._noise_cache) < 100_000:
+                self._noise_cache[text] = noise
+        return noise
+
     async def score(self, req: ScoreRequest) -> np.ndarray:
         await asyncio.sleep(self.latency)
         c = len(req.verbalizer)
         signal = np.tanh(self.directions[:c] @ req.prompt.mean(axis=0) / math.sqrt(self.hidden))
-        noise = np.stack([np.random.default_rng(zlib.crc32(t.encode())).normal(size=c) for t in req.texts])
+        noise = np.stack([self._noise(t)[:c] for t in req.texts])
         return (2.0 * signal[None, :] + noise).astype(np.float32)
 
     def close(self) -> None:

@@ -51,7 +51,6 @@ def test_teacher_actors_land_on_teacher_nodes_and_students_share_the_gpu_node(th
 def test_a_gdfo_run_spans_the_cluster_against_a_served_black_box(three_nodes, tiny_config, tiny_models, tmp_path,
                                                                  monkeypatch):
     from gdfo_ray.api import run
-    from gdfo_ray.distributed import NAMESPACE
     from gdfo_ray.serve import ServeConfig, start_in_thread
 
     monkeypatch.setenv("GDFO_TEACHER_TOKEN", TOKEN)
@@ -65,6 +64,3 @@ def test_a_gdfo_run_spans_the_cluster_against_a_served_black_box(three_nodes, ti
     assert s["calls"] == config.search.budget_calls
     assert stats["billed"] == s["calls"] + s["dev_calls"] + 2  # each call billed once, none lost
     assert np.isfinite(s["test"]["teacher_tuned"]) and "student" in s["test"]
-    limiter = ray.get_actor(f"gdfo_limiter:{service.url}", namespace=NAMESPACE)
-    limits = ray.get(limiter.stats.remote())
-    assert limits["peak_in_flight"] <= 3 and limits["acquired"] >= stats["billed"]
