@@ -70,6 +70,10 @@ class TaskConfig:
         shots: examples per class in train and in dev when sampling from the Hub.
         max_text_tokens: each text field is cut to this many tokens.
         max_test_examples: evaluate on a seeded subsample of the test set (None: all).
+        prompt_placement: for causal-LM teachers, ``prefix`` keeps the template's
+            ``{prompt}`` before the text (BBT); ``suffix`` moves it after the last text
+            field, so the text's key/value states are computed once per run and reused
+            by every call (``model.kv_cache``). Masked-LM templates are unchanged.
     """
 
     name: str = "sst2"
@@ -87,8 +91,10 @@ class TaskConfig:
     shots: int = 16
     max_text_tokens: int = 128
     max_test_examples: Optional[int] = None
+    prompt_placement: str = "prefix"
 
     def __post_init__(self) -> None:
+        _check_choice("task.prompt_placement", self.prompt_placement, ("prefix", "suffix"))
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"task.name must be a non-empty string, but got {self.name!r}.")
         if self.metric is not None:
@@ -125,6 +131,8 @@ class ModelConfig:
         dtype: teacher weights' dtype (the student always trains in float32).
         device: ``auto`` (a GPU where the actor has one, else CPU), ``cpu`` or ``cuda[:i]``.
         max_rows_per_forward: population x examples rows in one forward (memory bound).
+        kv_cache: a causal-LM teacher computes the states of the tokens before the prompt
+            once per run, on train and dev, and reuses them in every call.
     """
 
     teacher: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -134,6 +142,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     max_rows_per_forward: int = 256
+    kv_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("model.teacher_kind", self.teacher_kind, MODEL_KINDS)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 import uuid
 from typing import Any, Optional
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from gdfo_ray.config import GDFOConfig, PoolConfig
 from gdfo_ray.exceptions import GDFOError, TeacherError
@@ -62,6 +63,7 @@ class RayTeacherPool(TeacherPool):
     """
 
     queued_per_teacher = 1
+    restart_timeout_s = 300.0
 
     def __init__(self, actors: list, *, one_call_per_piece: bool, slots_per_teacher: int, max_requeries: int):
         super().__init__(actors, one_call_per_piece=one_call_per_piece, slots_per_teacher=slots_per_teacher)
@@ -75,6 +77,7 @@ class RayTeacherPool(TeacherPool):
         load = [0] * len(self.teachers)
         in_flight: dict = {}  # ObjectRef -> (piece, actor)
         depth = self.slots_per_teacher + self.queued_per_teacher
+        started = time.monotonic()
         while waiting or in_flight:
             while waiting and min(load) < depth:
                 actor = load.index(min(load))
@@ -88,6 +91,13 @@ class RayTeacherPool(TeacherPool):
                 load[actor] -= 1
                 try:
                     results[piece] = ray.get(ref)
+                except ActorUnavailableError as e:  # restarting: not lost for good, so not counted
+                    if time.monotonic() - started > self.restart_timeout_s:
+                        raise TeacherError(f"A teacher-query actor stayed unavailable for "
+                                           f"{self.restart_timeout_s:.0f} s: {e}") from e
+                    self.requeried += 1
+                    waiting.appendleft(piece)
+                    time.sleep(0.2)
                 except RayActorError as e:
                     tries[piece] += 1
                     if tries[piece] > self.max_requeries:
@@ -194,12 +204,23 @@ class RayStudentGroup(StudentGroup):
                     raise GDFOError(f"Student workers kept failing; gave up after {self.max_recoveries} recoveries "
                                     f"(pool.max_actor_restarts). Last error: {e}") from e
                 self.recoveries += 1
-                self._incarnations = ray.get([w.restore.remote(self._snapshot) for w in self.workers])
+                self._incarnations = self._restore_all()
                 continue
             if mutates:
                 self._snapshot = StudentGroup.state(self)
             return out
         raise AssertionError("unreachable")
+
+    def _restore_all(self, timeout_s: float = 300.0) -> list:
+        """Give every worker the last weights, waiting out a worker that Ray is still restarting."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get([w.restore.remote(self._snapshot) for w in self.workers])
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def distill(self, batches: list) -> float:
         return self._recovering(super().distill, batches, mutates=True)

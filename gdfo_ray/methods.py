@@ -57,14 +57,16 @@ class BBT(BaseMethod):
         self.es = cma.CMAEvolutionStrategy(np.zeros(self.d), config.search.sigma0, options)
 
     def _ask_tell(self, ctx: "StepContext", predict: bool) -> tuple[np.ndarray, np.ndarray, dict]:
-        Z = np.asarray(self.es.ask())
+        with ctx.timed("optimizer_s"):
+            Z = np.asarray(self.es.ask())
         predicted = ctx.student.predict_fitness(Z) if predict else None
         F, logits = ctx.evaluate(Z)
         info = {"sigma": float(self.es.sigma)}
         if predict:
             info["kd_loss"] = ctx.distill(Z, logits, F)
             info["fidelity"] = spearman(predicted, F)
-        self.es.tell(list(Z), F.tolist())
+        with ctx.timed("optimizer_s"):
+            self.es.tell(list(Z), F.tolist())
         return Z, F, info
 
     def step(self, ctx: "StepContext") -> dict:
@@ -91,8 +93,9 @@ class GDFO(BBT):
         info["student_loss"], grad = ctx.student.grad_z(m_new)
         if self.h.control == "random":  # same step length, direction unrelated to the student
             grad = ctx.rng.normal(size=self.d)
-        result = harmonize(m_prev, m_new, float(self.es.sigma), grad, self.h.eta, self.h.gamma)
-        self.es.mean = result.m_next
+        with ctx.timed("optimizer_s"):
+            result = harmonize(m_prev, m_new, float(self.es.sigma), grad, self.h.eta, self.h.gamma)
+            self.es.mean = result.m_next
         self.z_gd = result.z_gd
         info["rho"] = result.rho
         info["z_gd_rank"] = int(1 + (F < F[0]).sum()) if injected else None

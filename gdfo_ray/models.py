@@ -212,7 +212,7 @@ def encode_split(tokenizer, template: str, kind: str, split: Split, max_text_tok
         values = {"text": _truncate(tokenizer, text, max_text_tokens)}
         if pair is not None:
             values["text_pair"] = _truncate(tokenizer, pair, max_text_tokens)
-        b = bos + (tokenizer.encode(_fill(pre, values), add_special_tokens=False) if pre.strip() else [])
+        b = bos + (tokenizer.encode(_fill(pre, values).rstrip(), add_special_tokens=False) if pre.strip() else [])
         a = tokenizer.encode(_fill(post, values).strip(), add_special_tokens=False) + eos
         if kind == "causal_lm":
             slot = len(a) - 1
@@ -258,6 +258,8 @@ class PromptedLM(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.readout = readout
         self.encoded: dict[str, EncodedSplit] = {}
+        self.cached_splits: set = set()
+        self._prefix_kv: dict = {}  # split -> (prefix lengths, [(keys, values) per layer]), right-padded
         if readout == "verbalizer":
             if kind == "encoder":
                 raise ConfigError(f"{model_name!r} has no LM head to score verbalizer words.")
@@ -268,6 +270,18 @@ class PromptedLM(nn.Module):
 
     def add_split(self, name: str, split: Split) -> None:
         self.encoded[name] = encode_split(self.tokenizer, self.template, self.kind, split, self.max_text_tokens)
+        self._prefix_kv.pop(name, None)
+
+    def cache_prefixes(self, splits: Sequence[str]) -> None:
+        """Reuse the key/value states of the tokens before ``{prompt}`` on these splits.
+
+        For a causal LM those tokens never see the prompt, so their states are the
+        same in every call: computed once, each call then runs only the prompt and
+        the tokens after it. It pays when the template puts the prompt after the
+        text (``task.prompt_placement="suffix"``); the weights must stay frozen.
+        """
+        if self.kind == "causal_lm":
+            self.cached_splits = set(splits)
 
     @property
     def device(self) -> torch.device:
@@ -281,9 +295,15 @@ class PromptedLM(nn.Module):
 
     def forward(self, prompts: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
         """Scores of R rows: ``prompts`` (R, n, h) with ``rows`` (R,) example indices -> (R, C)."""
-        return self.score(prompts, rows, self.encoded[split])
+        enc = self.encoded[split]
+        if split in self.cached_splits and self._prefix_pays(enc):
+            table = self._prefix_kv.get(split)
+            if table is None:
+                table = self._prefix_kv[split] = self._compute_prefix_kv(enc)
+            return self.score(prompts, rows, enc, prefix_kv=table)
+        return self.score(prompts, rows, enc)
 
-    def score(self, prompts: torch.Tensor, rows: np.ndarray, enc: EncodedSplit) -> torch.Tensor:
+    def score(self, prompts: torch.Tensor, rows: np.ndarray, enc: EncodedSplit, prefix_kv=None) -> torch.Tensor:
         """As :meth:`forward`, on examples encoded elsewhere (a service's request)."""
         n = prompts.shape[1]
         lengths = np.asarray([len(enc.before[r]) + n + len(enc.after[r]) for r in rows])
@@ -291,7 +311,11 @@ class PromptedLM(nn.Module):
         out = [None] * len(rows)
         for start in range(0, len(rows), self.max_rows):
             chunk = order[start:start + self.max_rows]
-            scores = self._forward_chunk(prompts[torch.as_tensor(chunk)], [rows[i] for i in chunk], enc)
+            chunk_prompts, chunk_rows = prompts[torch.as_tensor(chunk)], [rows[i] for i in chunk]
+            if prefix_kv is None:
+                scores = self._forward_chunk(chunk_prompts, chunk_rows, enc)
+            else:
+                scores = self._forward_chunk_cached(chunk_prompts, chunk_rows, enc, prefix_kv)
             for j, i in enumerate(chunk):
                 out[i] = scores[j]
         return torch.stack(out)
@@ -316,6 +340,56 @@ class PromptedLM(nn.Module):
         hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         at_slot = hidden[torch.arange(len(rows), device=self.device), slots]
         return self._read(at_slot).float()
+
+    @staticmethod
+    def _prefix_pays(enc: EncodedSplit) -> bool:
+        lengths = [len(b) for b in enc.before]
+        return min(lengths) >= 1 and float(np.mean(lengths)) >= 4
+
+    def _compute_prefix_kv(self, enc: EncodedSplit) -> tuple:
+        """Keys and values of every example's tokens before the prompt, right-padded to the longest."""
+        lengths = torch.as_tensor([len(b) for b in enc.before], device=self.device)
+        width = int(lengths.max())
+        tables: list = []
+        with torch.no_grad():
+            for start in range(0, len(enc.before), self.max_rows):
+                seqs = enc.before[start:start + self.max_rows]
+                ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for i, seq in enumerate(seqs):
+                    ids[i, : len(seq)] = torch.as_tensor(seq)
+                    mask[i, : len(seq)] = 1
+                out = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                            use_cache=True)
+                tables.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+        layers = [(torch.cat([t[i][0] for t in tables]), torch.cat([t[i][1] for t in tables]))
+                  for i in range(len(tables[0]))]
+        return lengths, layers
+
+    def _forward_chunk_cached(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit, prefix_kv) -> torch.Tensor:
+        """The prompt and the tokens after it, attending to the cached prefix of each row's example."""
+        from transformers import DynamicCache
+
+        lengths, layers = prefix_kv
+        index = torch.as_tensor(rows, device=self.device)
+        prefix = lengths[index]
+        width = int(prefix.max())
+        n, r = prompts.shape[1], len(rows)
+        after = [enc.after[i] for i in rows]
+        tail = max(len(a) for a in after)
+        ids = torch.full((r, tail), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((r, width + n + tail), dtype=torch.long)
+        mask[:, :width] = (torch.arange(width)[None, :] < prefix.cpu()[:, None]).long()
+        for i, a in enumerate(after):
+            ids[i, : len(a)] = torch.as_tensor(a)
+            mask[i, width: width + n + len(a)] = 1
+        embeds = torch.cat([prompts.to(self.embeddings.weight.dtype), self.embeddings(ids.to(self.device))], dim=1)
+        positions = prefix[:, None] + torch.arange(n + tail, device=self.device)
+        cache = DynamicCache(ddp_cache_data=[(k[index, :, :width], v[index, :, :width]) for k, v in layers])
+        hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask.to(self.device),
+                                       position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        slots = torch.as_tensor([n + enc.slot[i] for i in rows], device=self.device)
+        return self._read(hidden[torch.arange(r, device=self.device), slots]).float()
 
     def _read(self, at_slot: torch.Tensor) -> torch.Tensor:
         if self.head is not None:

@@ -147,6 +147,8 @@ def resolve_spec(config: TaskConfig) -> TaskSpec:
     template_clm = config.template or base.template_clm
     for template in {template_mlm, template_clm}:
         validate_template(template, pair)
+    if config.prompt_placement == "suffix":
+        template_clm = move_prompt_after_text(template_clm)
     return TaskSpec(
         name=config.name,
         labels=labels,
@@ -160,6 +162,19 @@ def resolve_spec(config: TaskConfig) -> TaskSpec:
         hf_test_split=base.hf_test_split if base else "test",
         hf_fields=base.hf_fields if base else ("text", "text_pair" if pair else None, "label"),
     )
+
+
+def move_prompt_after_text(template: str) -> str:
+    """``{prompt}`` moved right after the last text field, so everything before it is fixed per example.
+
+    >>> move_prompt_after_text("{prompt} {text} Question: {text_pair} Yes or No? Answer: {mask}")
+    '{text} Question: {text_pair} {prompt} Yes or No? Answer: {mask}'
+    >>> move_prompt_after_text("{prompt} {text} It was {mask}")
+    '{text} {prompt} It was {mask}'
+    """
+    rest = " ".join(template.replace("{prompt}", " ").split())
+    last = max(rest.rfind(field) + len(field) for field in ("{text}", "{text_pair}") if field in rest)
+    return (rest[:last] + " {prompt}" + rest[last:]).strip()
 
 
 def validate_template(template: str, pair: bool) -> None:

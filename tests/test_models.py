@@ -74,3 +74,61 @@ def test_linear_readout_for_encoder_student(tiny_models):
     out = lm(prompts, np.array([0, 1, 2]), "train")
     out.sum().backward()
     assert out.shape == (3, 2) and prompts.grad is not None and prompts.grad.abs().sum() > 0
+
+
+# Every speed-up must return the plain path's logits. Tolerances: float32 paths 1e-5 absolute;
+# bfloat16 weights 0.05 absolute on these logits (|logit| < 1).
+def _plain_hf_logits(lm, prompts: torch.Tensor, rows) -> torch.Tensor:
+    """The reference: the whole model, one row at a time, full vocabulary head, no cache, no padding."""
+    enc, n, out = lm.encoded["train"], prompts.shape[1], []
+    for p, r in zip(prompts, rows):
+        seq = torch.as_tensor(enc.before[r] + [lm.pad_id] * n + enc.after[r])[None]
+        embeds = lm.embeddings(seq).clone()
+        embeds[0, len(enc.before[r]): len(enc.before[r]) + n] = p
+        logits = lm.model(inputs_embeds=embeds).logits[0, len(enc.before[r]) + n + enc.slot[r]]
+        out.append(logits[lm.verbalizer_ids])
+    return torch.stack(out)
+
+
+def _suffix_lm(path, dtype="float32", max_rows=256):
+    import dataclasses
+
+    from gdfo_ray.tasks import move_prompt_after_text
+
+    spec = dataclasses.replace(PRESETS["sst2"], template_clm=move_prompt_after_text(PRESETS["sst2"].template_clm))
+    return build_prompted_lm(path, "auto", spec, {"train": _split()}, readout="verbalizer", dtype=dtype, device="cpu",
+                             max_text_tokens=16, max_rows_per_forward=max_rows, need_lm_head=True)
+
+
+@pytest.mark.parametrize("which", ["causal", "masked"])
+def test_verbalizer_readout_at_the_slot_equals_the_full_model(tiny_models, which):
+    lm = _lm(tiny_models[which])
+    prompts, rows = torch.randn(4, 3, lm.hidden_size) * 0.5, np.array([0, 1, 2, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(prompts, rows, "train"), _plain_hf_logits(lm, prompts, rows),
+                                   rtol=0, atol=1e-5)
+
+
+def test_cached_text_states_with_the_prompt_after_the_text_equal_the_full_model(tiny_models):
+    lm = _suffix_lm(tiny_models["causal"], max_rows=3)
+    assert lm.template.startswith("{text} {prompt}")
+    prompts, rows = torch.randn(6, 3, lm.hidden_size) * 0.5, np.array([0, 1, 2, 2, 1, 0])
+    with torch.no_grad():
+        plain = _plain_hf_logits(lm, prompts, rows)
+        lm.cache_prefixes(["train"])
+        cached = lm(prompts, rows, "train")
+        empty = lm(torch.zeros(2, 0, lm.hidden_size), rows[:2], "train")  # the manual prompt: no tokens
+    assert "train" in lm._prefix_kv  # the cached path ran
+    torch.testing.assert_close(cached, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(empty, _plain_hf_logits(lm, torch.zeros(2, 0, lm.hidden_size), rows[:2]),
+                               rtol=0, atol=1e-5)
+
+
+def test_bfloat16_weights_stay_within_the_stated_tolerance(tiny_models):
+    full, half = _suffix_lm(tiny_models["causal"]), _suffix_lm(tiny_models["causal"], dtype="bfloat16")
+    half.cache_prefixes(["train"])
+    prompts, rows = torch.randn(6, 3, full.hidden_size) * 0.5, np.array([0, 1, 2, 2, 1, 0])
+    with torch.no_grad():
+        a, b = full(prompts, rows, "train"), half(prompts, rows, "train")
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, a, rtol=0, atol=0.05)
