@@ -69,15 +69,13 @@ def build(args, variant: str):
     dtype, placement, kv, compiled = VARIANTS[variant]
     config = GDFOConfig.from_dict({
         "task": {"name": args.task, "prompt_placement": placement},
-        "model": {"teacher": args.teacher, "dtype": dtype, "kv_cache": kv},
+        "model": {"teacher": args.teacher, "dtype": dtype, "kv_cache": kv, "compile": compiled,
+                  **({"max_rows_per_forward": args.rows_per_forward} if args.rows_per_forward else {})},
         "prompt": {"n_prompt_tokens": args.prompt_tokens},
         "pool": {"backend": "local"},
     })
     data = load_task(config.task, config.seed)
-    teacher = LocalTeacher(config, data)
-    if compiled:
-        teacher.lm.model.base_model.forward = torch.compile(teacher.lm.model.base_model.forward, dynamic=True)
-    return config, data, teacher
+    return config, data, LocalTeacher(config, data)
 
 
 def population(args, hidden: int, std: float) -> np.ndarray:
@@ -166,7 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--popsize", type=int, default=17, help="lambda (the default for d=100)")
     p.add_argument("--prompt-tokens", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--rows-per-forward", type=int, default=None, help="model.max_rows_per_forward (default: config's)")
     p.add_argument("--generations", type=int, default=3, help="for (d); 0 skips it")
     p.add_argument("--generation-dtype", default="float32")
     p.add_argument("--generation-placement", default="prefix")
@@ -197,13 +196,14 @@ def main(argv=None) -> int:
               f"(first call {first:.2f} s)", flush=True)
         del teacher
 
-    print(f"\n{args.popsize} prompts x {len(ids)} SST-2 examples, {args.prompt_tokens} prompt tokens; "
-          "seconds per call (a population's time / lambda)\n")
-    print("| variant | work per call (GFLOP) | (a) floor | (b) plain HF | (c) gdfo-ray call | (c)/(a) | (b)/(c) |")
-    print("|---|---|---|---|---|---|---|")
-    for variant, flops, floor, call, _ in rows:
-        print(f"| {variant} | {flops / 1e9:.1f} | {floor:.3f} | {plain:.3f} | {call:.3f} | {call / floor:.2f} | "
-              f"{plain / call:.2f} |")
+    if rows:
+        print(f"\n{args.popsize} prompts x {len(ids)} SST-2 examples, {args.prompt_tokens} prompt tokens; "
+              "seconds per call (a population's time / lambda)\n")
+        print("| variant | work per call (GFLOP) | (a) floor | (b) plain HF | (c) gdfo-ray call | (c)/(a) | (b)/(c) |")
+        print("|---|---|---|---|---|---|---|")
+        for variant, flops, floor, call, _ in rows:
+            print(f"| {variant} | {flops / 1e9:.1f} | {floor:.3f} | {plain:.3f} | {call:.3f} | {call / floor:.2f} | "
+                  f"{plain / call:.2f} |")
     if args.generations:
         split = generation_split(args)
         step = split["step_s"]

@@ -171,13 +171,15 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
 
         def save(driver: Driver, row: dict) -> None:
             say(format_progress(row, config.search.budget_calls))
-            payload = {"config": config.to_dict(), "state": driver.state,
-                       "student": student.state() if student is not None else None}
+            payload = {"config": config.to_dict(), "state": driver.state, "student": driver.student_checkpoint()}
             _atomic_write(os.path.join(out, CHECKPOINT), lambda f: pickle.dump(payload, f))
             _write_history(out, driver.state.history, config)
 
         driver = Driver(config, data, teacher, student, space, state=state, hooks=(save,))
-        driver.run()
+        try:
+            driver.run()
+        finally:
+            driver.close()
         summary = _finish(config, driver, data, teacher, student, space, out, say)
         summary["wall_s"] = time.time() - started
         with open(os.path.join(out, "summary.json"), "w") as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -39,6 +40,7 @@ class DriverState:
     evaluated: tuple = (None, None)  # (z, dev score) of the last dev evaluation
     last_eval_calls: int = 0
     np_global_state: tuple = ()  # pycma samples from numpy's global generator
+    pending_distill: Optional[list] = None  # batches of a distillation still running (student.overlap_distill)
 
 
 class StepContext:
@@ -48,8 +50,21 @@ class StepContext:
         self._driver = driver
         self.rng = driver.state.rng
         self.timings = {"teacher_s": 0.0, "student_s": 0.0, "optimizer_s": 0.0}
-        self.student = _Timed(driver.student, self.timings, "student_s") if driver.student is not None else None
+        self.student = _LaneProxy(self) if driver.lane is not None else None
         self.fitness: list[np.ndarray] = []  # every fitness the teacher paid for this generation
+        self.overlap_distill = driver.config.student.overlap_distill
+
+    def student_async(self, method: str, *args) -> Future:
+        """Start a student call and return at once; calls run in the order they were started."""
+        return self._driver.lane.submit(method, *args)
+
+    def wait_student(self, future: Future):
+        """The result of a started student call; the time spent waiting counts as student time."""
+        t0 = time.perf_counter()
+        try:
+            return future.result()
+        finally:
+            self.timings["student_s"] += time.perf_counter() - t0
 
     @contextlib.contextmanager
     def timed(self, key: str):
@@ -87,34 +102,70 @@ class StepContext:
         self.fitness.append(np.asarray([loss]))
         return loss, d.space.A @ np.asarray(grad_p, dtype=np.float32).reshape(-1)
 
-    def distill(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> float:
-        """Store the paid answers and take K student steps on the replay buffer (no calls)."""
+    def _batches(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> list:
         d = self._driver
         d.state.buffer.add(Z, logits, d.train_ids, F)
         cfg = d.config.student
         pop_rows = min(8, len(d.train_ids)) if cfg.rank_weight > 0 else 0
-        batches = [d.state.buffer.sample(cfg.batch_rows, self.rng, d.data.train.label, pop_rows)
-                   for _ in range(cfg.k_steps)]
+        return [d.state.buffer.sample(cfg.batch_rows, self.rng, d.data.train.label, pop_rows)
+                for _ in range(cfg.k_steps)]
+
+    def distill(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> float:
+        """Store the paid answers and take K student steps on the replay buffer (no calls)."""
+        batches = self._batches(Z, logits, F)
         return self.student.distill(batches) if batches else float("nan")
 
+    def distill_later(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> None:
+        """As :meth:`distill`, but left running while the next generation queries the teacher.
 
-class _Timed:
-    """Adds the wall time of every method call on ``target`` to ``timings[key]``."""
+        The student's weights before these steps are kept for the checkpoint, with the
+        steps' batches, so that a resumed run replays them (see :meth:`Driver.student_checkpoint`).
+        """
+        d = self._driver
+        batches = self._batches(Z, logits, F)
+        if batches:
+            d.start_pending_distill(batches, self.student.state())
 
-    def __init__(self, target, timings: dict, key: str):
-        self._target, self._timings, self._key = target, timings, key
+    def previous_distill_loss(self) -> float:
+        """The KD loss of the steps :meth:`distill_later` started one generation ago (waits for them)."""
+        d = self._driver
+        if d.pending is None:
+            return float("nan")
+        loss = self.wait_student(d.pending[0])
+        d.pending, d.state.pending_distill = None, None
+        return loss
+
+
+class StudentLane:
+    """The student's calls, one at a time and in order, on a thread of the driver.
+
+    The driver may leave a call in flight (the student predicting a population, or
+    distilling the last one) while it waits on the teacher; a later call queues
+    behind it, so the order, and with it the result, is that of a sequential run.
+    """
+
+    def __init__(self, student):
+        self.student = student
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gdfo-student")
+
+    def submit(self, method: str, *args) -> Future:
+        return self._executor.submit(getattr(self.student, method), *args)
+
+    def call(self, method: str, *args):
+        return self.submit(method, *args).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class _LaneProxy:
+    """``ctx.student.<method>(...)``: a student call through the lane, its wait counted as student time."""
+
+    def __init__(self, ctx: StepContext):
+        self._ctx = ctx
 
     def __getattr__(self, name: str):
-        method = getattr(self._target, name)
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self._timings[self._key] += time.perf_counter() - t0
-
-        return timed
+        return lambda *args: self._ctx.wait_student(self._ctx.student_async(name, *args))
 
 
 def check_logits(logits: np.ndarray, shape: tuple) -> None:
@@ -161,6 +212,30 @@ class Driver:
         elif state.np_global_state:
             np.random.set_state(state.np_global_state)
         self.state = state
+        self.lane = StudentLane(student) if student is not None else None
+        self.pending: Optional[tuple] = None  # (future of a running distillation, the weights before it)
+        if state.pending_distill and self.lane is not None:  # resumed: replay the steps the checkpoint left
+            self.start_pending_distill(state.pending_distill, self.lane.call("state"))
+
+    def start_pending_distill(self, batches: list, weights_before: dict) -> None:
+        self.state.pending_distill = batches
+        self.pending = (self.lane.submit("distill", batches), weights_before)
+
+    def student_checkpoint(self) -> Optional[dict]:
+        """The student's state that matches ``self.state`` (before a distillation still running)."""
+        if self.lane is None:
+            return None
+        return self.pending[1] if self.pending is not None else self.lane.call("state")
+
+    def drain(self) -> None:
+        """Wait for the student's last steps (before scoring it or saving it)."""
+        if self.pending is not None:
+            self.pending[0].result()
+            self.pending, self.state.pending_distill = None, None
+
+    def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
 
     def note_candidates(self, Z: np.ndarray, F: np.ndarray) -> None:
         i = int(np.argmin(F))
@@ -186,6 +261,7 @@ class Driver:
             s.np_global_state = np.random.get_state()
             for hook in self.hooks:
                 hook(self, row)
+        self.drain()
         return s
 
     def maybe_evaluate(self, final: bool) -> dict:

@@ -32,6 +32,9 @@ class LocalTeacher(BaseTeacher):
             max_rows_per_forward=config.model.max_rows_per_forward, need_lm_head=True,
         )
         self.lm.requires_grad_(False)
+        if config.model.compile:
+            body = self.lm.model.base_model
+            body.forward = torch.compile(body.forward, dynamic=True)
         if config.model.kv_cache:
             self.lm.cache_prefixes(["train", "dev"])  # scored in every call / every E calls; test only twice
 

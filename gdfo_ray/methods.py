@@ -56,21 +56,23 @@ class BBT(BaseMethod):
                    "maxiter": 10**9, "tolfun": 0, "tolx": 0, "tolstagnation": 10**9, **config.search.cma_options}
         self.es = cma.CMAEvolutionStrategy(np.zeros(self.d), config.search.sigma0, options)
 
-    def _ask_tell(self, ctx: "StepContext", predict: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    def _ask_tell(self, ctx: "StepContext", predict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         with ctx.timed("optimizer_s"):
             Z = np.asarray(self.es.ask())
-        predicted = ctx.student.predict_fitness(Z) if predict else None
+        predicting = ctx.student_async("predict_fitness", Z) if predict else None  # runs while the teacher does
         F, logits = ctx.evaluate(Z)
         info = {"sigma": float(self.es.sigma)}
         if predict:
-            info["kd_loss"] = ctx.distill(Z, logits, F)
-            info["fidelity"] = spearman(predicted, F)
+            info["fidelity"] = spearman(ctx.wait_student(predicting), F)
+            # With overlap, the steps on this generation's answers start after the gradient (see GDFO.step);
+            # the row reports the loss of the previous generation's steps.
+            info["kd_loss"] = ctx.previous_distill_loss() if ctx.overlap_distill else ctx.distill(Z, logits, F)
         with ctx.timed("optimizer_s"):
             self.es.tell(list(Z), F.tolist())
-        return Z, F, info
+        return Z, F, logits, info
 
     def step(self, ctx: "StepContext") -> dict:
-        return self._ask_tell(ctx, predict=False)[2]
+        return self._ask_tell(ctx, predict=False)[3]
 
 
 class GDFO(BBT):
@@ -88,8 +90,10 @@ class GDFO(BBT):
         if injected:
             self.es.inject([self.z_gd], force=True)  # ask() returns injected solutions first
         m_prev = self.es.mean.copy()
-        Z, F, info = self._ask_tell(ctx, predict=True)
+        Z, F, logits, info = self._ask_tell(ctx, predict=True)
         m_new = self.es.mean.copy()
+        # With student.overlap_distill this gradient comes from a student one generation behind: its steps on
+        # this generation's answers run during the next generation's teacher calls.
         info["student_loss"], grad = ctx.student.grad_z(m_new)
         if self.h.control == "random":  # same step length, direction unrelated to the student
             grad = ctx.rng.normal(size=self.d)
@@ -99,6 +103,8 @@ class GDFO(BBT):
         self.z_gd = result.z_gd
         info["rho"] = result.rho
         info["z_gd_rank"] = int(1 + (F < F[0]).sum()) if injected else None
+        if ctx.overlap_distill:
+            ctx.distill_later(Z, logits, F)
         return info
 
 

@@ -71,6 +71,7 @@ def _convert_gguf(gguf_path: str, model_id: str) -> str:
     """Dequantize a GGUF once into a safetensors directory; later loads take under a second."""
     target = os.path.join(cache_dir(), "models", model_id.replace("/", "--"))
     if os.path.isfile(os.path.join(target, "config.json")):
+        _drop_gguf_marker(os.path.join(target, "config.json"))
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,6 +80,7 @@ def _convert_gguf(gguf_path: str, model_id: str) -> str:
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild from its config, copy the weights.
     loaded.config.architectures = [type(loaded).__name__]
+    loaded.config.quantization_config = None  # the copy holds plain float weights; see _drop_gguf_marker
     fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -90,6 +92,25 @@ def _convert_gguf(gguf_path: str, model_id: str) -> str:
     except OSError:  # another process finished the same conversion first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _drop_gguf_marker(config_path: str) -> None:
+    """Remove a GGUF ``quantization_config`` from a converted model's config.
+
+    The weights are plain floats. Left in place, the marker makes transformers
+    announce that every matmul casts to float32 when the model loads in bfloat16,
+    which is not so.
+    """
+    import json
+
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.pop("quantization_config", None) is None:
+        return
+    tmp = config_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, config_path)
 
 
 def _missing_model_message(name: str, error: Exception) -> str:

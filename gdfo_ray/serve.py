@@ -62,7 +62,8 @@ class ServeConfig:
         host, port: where to listen (port 0 picks a free one).
         token: the bearer token; None reads ``$GDFO_SERVE_TOKEN``, else one is generated and printed.
         kind, dtype, device, threads: how the model is loaded and run.
-        max_batch_rows: (prompt x input) rows one forward may take across batched requests.
+        max_batch_rows: (prompt x input) rows one batch may take across concurrent requests.
+        max_rows_per_forward: rows per forward inside a batch (small chunks stay in cache).
         max_inputs, max_text_chars, max_text_tokens, max_prompt_tokens, max_classes: request limits.
         max_body_mb: largest request body.
         max_queue: requests waiting for the model; beyond it the service answers 429.
@@ -82,6 +83,7 @@ class ServeConfig:
     device: str = "auto"
     threads: int = 0
     max_batch_rows: int = 256
+    max_rows_per_forward: int = 64
     max_inputs: int = 512
     max_text_chars: int = 4000
     max_text_tokens: int = 128
@@ -100,7 +102,7 @@ class ServeConfig:
             raise ConfigError("Either pass a model to serve (--model) or --simulate-latency for a simulated one, "
                               "not both and not neither.")
         _check_int("port", self.port, 0)
-        for name in ("max_batch_rows", "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens",
+        for name in ("max_batch_rows", "max_rows_per_forward", "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens",
                      "max_queue", "rate_burst", "idempotency_cache", "simulate_hidden"):
             _check_int(name, getattr(self, name), 1)
         _check_int("max_classes", self.max_classes, 2)
@@ -281,7 +283,7 @@ class ModelScorer:
                 spec = TaskSpec("request", req.verbalizer, req.verbalizer, req.pairs is not None, "accuracy", "ce",
                                 req.template, req.template)
                 view = PromptedLM(self.tokenizer, self.model, self.kind, spec, "verbalizer", str(self.config.model),
-                                  req.max_text_tokens, self.config.max_batch_rows)
+                                  req.max_text_tokens, self.config.max_rows_per_forward)
                 self._views[key] = view
                 while len(self._views) > 64:
                     self._views.popitem(last=False)

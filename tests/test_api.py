@@ -49,8 +49,10 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
-    full = run(tiny_config(output_dir=str(tmp_path / "full")), progress=None)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap_distill"])
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch, overlap):
+    # With overlap, the checkpoint holds the student before its last, still running, distillation and replays it.
+    full = run(tiny_config(output_dir=str(tmp_path / "full"), **{"student.overlap_distill": overlap}), progress=None)
 
     import gdfo_ray.api as api
 
@@ -60,7 +62,7 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_pa
         if len(history) == 2:
             raise _Crash()
     monkeypatch.setattr(api, "_write_history", crash_after_two)
-    config = tiny_config(output_dir=str(tmp_path / "cut"))
+    config = tiny_config(output_dir=str(tmp_path / "cut"), **{"student.overlap_distill": overlap})
     with pytest.raises(_Crash):
         run(config, progress=None)
     with open(tmp_path / "cut" / "checkpoint.pkl", "rb") as f:
@@ -72,6 +74,19 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_pa
                                [r["fitness_best"] for r in full.history], rtol=1e-5)
     np.testing.assert_allclose(resumed.best_z, full.best_z, rtol=1e-5)
     assert resumed.summary["test"] == pytest.approx(full.summary["test"])
+    np.testing.assert_allclose([r.get("rho", np.nan) for r in resumed.history],
+                               [r.get("rho", np.nan) for r in full.history], rtol=1e-5)
+
+
+def test_overlapped_distillation_spends_the_same_budget_with_a_gradient_one_generation_behind(tiny_config, tmp_path):
+    plain = run(tiny_config(output_dir=str(tmp_path / "plain")), progress=None)
+    overlap = run(tiny_config(output_dir=str(tmp_path / "overlap"), **{"student.overlap_distill": True}),
+                  progress=None)
+    assert [r["calls"] for r in overlap.history] == [r["calls"] for r in plain.history]
+    # Generation 1 is identical (no steps taken yet either way); from then on the gradients differ.
+    assert overlap.history[0]["fitness_best"] == plain.history[0]["fitness_best"]
+    assert np.isnan(overlap.history[0]["kd_loss"]) and np.isfinite(overlap.history[1]["kd_loss"])
+    assert [r["rho"] for r in overlap.history] != [r["rho"] for r in plain.history]
 
 
 def test_masked_lm_teacher_and_custom_files(tiny_config, tiny_models, tiny_data_dir):
