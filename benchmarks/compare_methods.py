@@ -25,7 +25,13 @@ METHODS = ("manual", "bbt", "kd", "gdfo", "gdfo_random")
 
 
 def config_for(task: str, seed: int, method: str, args: argparse.Namespace) -> GDFOConfig:
+    import yaml
+
     base = method.replace("_random", "")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
     return GDFOConfig.from_dict({
         "method": base, "seed": seed,
         "output_dir": os.path.join(args.out, f"{task}_{method}_seed{seed}"),
@@ -34,7 +40,7 @@ def config_for(task: str, seed: int, method: str, args: argparse.Namespace) -> G
         "student": {"k_steps": args.k_steps},
         "harmonize": {"control": "random" if method.endswith("_random") else "none"},
         "pool": {"backend": args.backend},
-    })
+    }).with_overrides(overrides)
 
 
 def calls_to_reach(history: list, target: float) -> float:
@@ -56,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-text-tokens", type=int, default=64)
     p.add_argument("--backend", default="local", choices=("local", "ray"))
     p.add_argument("--out", default="runs/compare_methods")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run, e.g. --set model.dtype=bfloat16 (repeatable)")
+    p.add_argument("--label", default="", help="a name for the settings, printed above the table")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "runs.jsonl")
@@ -86,8 +95,9 @@ def main(argv=None) -> int:
 
 
 def report(done: dict, args: argparse.Namespace) -> str:
-    lines = [f"budget {args.budget} calls, popsize {args.popsize}, K {args.k_steps}, test subsample "
-             f"{args.max_test}, teacher SmolLM2-135M-Instruct, student all-MiniLM-L6-v2", "",
+    lines = [f"{args.label + ': ' if args.label else ''}budget {args.budget} calls, popsize {args.popsize}, "
+             f"K {args.k_steps}, test subsample {args.max_test}, teacher SmolLM2-135M-Instruct, student "
+             f"all-MiniLM-L6-v2, overrides {args.set or 'none'}", "",
              "| task | method | seeds | test (mean ± std) | dev best | calls to bbt's dev | s/call | rho | fidelity |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task in args.tasks:

@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=int, default=34, help="calls of the default run in part 1 (2 generations)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--generations", type=int, default=60)
-    p.add_argument("--buffer", type=int, default=200, help="replay buffer bound (candidates) in part 3")
+    p.add_argument("--generations", type=int, default=30)
+    p.add_argument("--buffer", type=int, default=100, help="replay buffer bound (candidates) in part 3")
     p.add_argument("--skip", nargs="*", default=[], choices=["default", "calls", "long"])
     args = p.parse_args(argv)
 

@@ -9,6 +9,7 @@ from the last completed one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -181,6 +182,7 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
         finally:
             driver.close()
         summary = _finish(config, driver, data, teacher, student, space, out, say)
+        summary["teacher_info"] = dataclasses.asdict(info)  # hidden size, dtype the black box computed in
         summary["wall_s"] = time.time() - started
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)

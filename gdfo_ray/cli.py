@@ -115,7 +115,8 @@ class _Serve(_BaseCommand):
         parser.add_argument("--token", help="bearer token clients must send (default: $GDFO_SERVE_TOKEN, "
                             "else a generated one, printed once)")
         parser.add_argument("--kind", default=d.kind, choices=("auto", "causal_lm", "masked_lm"))
-        parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+        parser.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "bfloat16", "float16"),
+                            help="auto: bfloat16 where the processor computes it natively")
         parser.add_argument("--device", default=d.device)
         parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: every core)")
         parser.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows,

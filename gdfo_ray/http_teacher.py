@@ -158,7 +158,7 @@ class HttpTeacher(BaseTeacher):
     def describe(self) -> TeacherInfo:
         info = self.info()
         return TeacherInfo(info["model"], int(info["hidden_size"]), float(info["embedding_std"]),
-                           int(info["vocab_size"]), self.data.spec.n_classes)
+                           int(info["vocab_size"]), self.data.spec.n_classes, str(info.get("dtype", "unknown")))
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         answer = self._request("POST", "/v1/embed", {"token_ids": [int(i) for i in ids]})

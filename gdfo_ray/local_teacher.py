@@ -40,7 +40,8 @@ class LocalTeacher(BaseTeacher):
 
     def describe(self) -> TeacherInfo:
         return TeacherInfo(self.name, self.lm.hidden_size, self.lm.embedding_std(),
-                           self.lm.embeddings.weight.shape[0], self.lm.spec.n_classes)
+                           self.lm.embeddings.weight.shape[0], self.lm.spec.n_classes,
+                           str(self.lm.embeddings.weight.dtype).replace("torch.", ""))
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self.lm.embed_tokens(ids).float().cpu().numpy()

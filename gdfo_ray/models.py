@@ -234,7 +234,9 @@ def encode_split(tokenizer, template: str, kind: str, split: Split, max_text_tok
         if pair is not None:
             values["text_pair"] = _truncate(tokenizer, pair, max_text_tokens)
         b = bos + (tokenizer.encode(_fill(pre, values).rstrip(), add_special_tokens=False) if pre.strip() else [])
-        a = tokenizer.encode(_fill(post, values).strip(), add_special_tokens=False) + eos
+        # After text, the words that follow the prompt keep their leading space, as in the running text.
+        lead = " " if pre.strip() else ""
+        a = tokenizer.encode(lead + _fill(post, values).strip(), add_special_tokens=False) + eos
         if kind == "causal_lm":
             slot = len(a) - 1
         else:
@@ -445,9 +447,28 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
 
 
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16)."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)  # private in torch 2.x; absent means "don't know"
+        if check is not None and check():
+            return True
+    return False
+
+
+def resolve_dtype(requested: str, device: torch.device) -> str:
+    """``auto``: bfloat16 where the device computes it natively, else float32."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_fast_bfloat16() else "float32"
+
+
 def build_prompted_lm(name: str, kind: str, spec: TaskSpec, splits: dict, *, readout: str, dtype: str,
                       device: str, max_text_tokens: int, max_rows_per_forward: int,
                       need_lm_head: bool) -> PromptedLM:
+    dtype = resolve_dtype(dtype, pick_device(device))
     tokenizer, model, kind = load_lm(name, kind, dtype, need_lm_head=need_lm_head)
     if readout == "auto":
         readout = "linear" if kind == "encoder" else "verbalizer"

@@ -79,7 +79,7 @@ class ServeConfig:
     port: int = 8000
     token: Optional[str] = None
     kind: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     threads: int = 0
     max_batch_rows: int = 256
@@ -217,7 +217,9 @@ class SimulatedScorer:
     async def score(self, req: ScoreRequest) -> np.ndarray:
         await asyncio.sleep(self.latency)
         c = len(req.verbalizer)
-        signal = np.tanh(self.directions[:c] @ req.prompt.mean(axis=0) / math.sqrt(self.hidden))
+        # float64, so that even a prompt a search has blown up to huge values gives finite scores.
+        mean = req.prompt.astype(np.float64).mean(axis=0)
+        signal = np.tanh(np.nan_to_num(self.directions[:c].astype(np.float64) @ mean / math.sqrt(self.hidden)))
         noise = np.stack([self._noise(t)[:c] for t in req.texts])
         return (2.0 * signal[None, :] + noise).astype(np.float32)
 
@@ -238,12 +240,14 @@ class ModelScorer:
     """An HF LM behind a queue: one model thread takes as many waiting requests as fit one forward."""
 
     def __init__(self, config: ServeConfig):
-        from gdfo_ray.models import load_lm, pick_device, set_threads
+        from gdfo_ray.models import load_lm, pick_device, resolve_dtype, set_threads
 
         set_threads(config.threads)
         self.config = config
-        self.tokenizer, self.model, self.kind = load_lm(config.model, config.kind, config.dtype, need_lm_head=True)
-        self.model.to(pick_device(config.device))
+        device = pick_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, device)
+        self.tokenizer, self.model, self.kind = load_lm(config.model, config.kind, self.dtype, need_lm_head=True)
+        self.model.to(device)
         self.model.requires_grad_(False)
         self.embeddings = self.model.get_input_embeddings()
         self._views: collections.OrderedDict = collections.OrderedDict()
@@ -259,7 +263,7 @@ class ModelScorer:
     def info(self) -> dict:
         return {"model": self.config.model, "kind": self.kind, "hidden_size": int(self.embeddings.weight.shape[1]),
                 "embedding_std": float(self.embeddings.weight.detach().float().std()),
-                "vocab_size": int(self.embeddings.weight.shape[0])}
+                "vocab_size": int(self.embeddings.weight.shape[0]), "dtype": self.dtype}
 
     def embed(self, ids: list) -> np.ndarray:
         import torch

@@ -19,7 +19,7 @@ from torch import nn
 
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.losses import kd_loss, pairwise_rank_loss, task_loss
-from gdfo_ray.models import build_prompted_lm, host_tensor, set_threads
+from gdfo_ray.models import build_prompted_lm, host_tensor, resolve_dtype, set_threads
 from gdfo_ray.tasks import TaskData
 
 
@@ -109,11 +109,14 @@ class StudentModel(nn.Module):
         self.P0 = nn.Parameter(self.lm.embed_tokens(ids.tolist()).float().clone())
         self.lm.model.requires_grad_(config.student.train_body)
         self.n, self.h = n, h
+        # Weights and optimizer stay float32; only the body's arithmetic may run in bfloat16.
+        self.autocast = resolve_dtype(config.student.precision, self.lm.device) == "bfloat16"
 
     def forward(self, z: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
         """Logits (R, C) for per-row z (R, d) on example ``rows`` of ``split``."""
         prompts = self.P0.unsqueeze(0) + (z @ self.A).view(-1, self.n, self.h)
-        return self.lm(prompts, rows, split)
+        with torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.lm(prompts, rows, split).float()
 
 
 class StudentTrainer:

@@ -32,6 +32,7 @@ class TeacherInfo:
     embedding_std: float
     vocab_size: int
     n_classes: int
+    dtype: str = "unknown"  # what the black box computes in, where it says
 
 
 class BaseTeacher(abc.ABC):

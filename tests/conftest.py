@@ -85,10 +85,11 @@ def tiny_config(tiny_models, tiny_data_dir, tmp_path):
         data = {
             "method": "gdfo", "seed": 42, "output_dir": str(tmp_path / "run"),
             "task": {"name": "sst2", "data_dir": tiny_data_dir},
-            "model": {"teacher": tiny_models["causal"], "student": tiny_models["encoder"]},
+            # float32 pinned: "auto" would pick bfloat16 on CPUs with AMX, and tolerances would follow the runner.
+            "model": {"teacher": tiny_models["causal"], "student": tiny_models["encoder"], "dtype": "float32"},
             "prompt": {"intrinsic_dim": 8, "n_prompt_tokens": 2},
             "search": {"budget_calls": 24, "popsize": 4, "eval_every_calls": 8},
-            "student": {"k_steps": 2, "batch_rows": 8},
+            "student": {"k_steps": 2, "batch_rows": 8, "precision": "float32"},
             "pool": {"backend": "local", "torch_threads": 1},
         }
         config = GDFOConfig.from_dict(data)

@@ -132,3 +132,31 @@ def test_bfloat16_weights_stay_within_the_stated_tolerance(tiny_models):
         a, b = full(prompts, rows, "train"), half(prompts, rows, "train")
     assert b.dtype == torch.float32
     torch.testing.assert_close(b, a, rtol=0, atol=0.05)
+
+
+def test_auto_dtype_takes_bfloat16_only_where_the_processor_computes_it(monkeypatch):
+    import gdfo_ray.models as models
+
+    cpu = torch.device("cpu")
+    assert models.resolve_dtype("float16", cpu) == "float16"
+    monkeypatch.setattr(models, "cpu_has_fast_bfloat16", lambda: True)
+    assert models.resolve_dtype("auto", cpu) == "bfloat16"
+    monkeypatch.setattr(models, "cpu_has_fast_bfloat16", lambda: False)
+    assert models.resolve_dtype("auto", cpu) == "float32"
+
+
+def test_bfloat16_student_arithmetic_stays_within_the_stated_tolerance(tiny_config):
+    from gdfo_ray.student import StudentTrainer
+    from gdfo_ray.tasks import load_task
+
+    config = tiny_config()
+    data = load_task(config.task, config.seed)
+    full = StudentTrainer(config, data)
+    half = StudentTrainer(tiny_config(**{"student.precision": "bfloat16"}), data)
+    assert half.model.autocast and not full.model.autocast
+    z = np.random.default_rng(0).normal(size=config.prompt.intrinsic_dim)
+    rows = np.arange(len(data.train))
+    np.testing.assert_allclose(half.predict(z, "train", rows), full.predict(z, "train", rows), atol=0.05)
+    _, g_full = full.grad_z(z)
+    _, g_half = half.grad_z(z)
+    assert np.dot(g_full, g_half) / (np.linalg.norm(g_full) * np.linalg.norm(g_half)) > 0.95

@@ -25,7 +25,7 @@ TEMPLATE = "{prompt} {text} It was {mask}"
 
 @pytest.fixture(scope="module")
 def service(tiny_models):
-    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1,
+    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1, dtype="float32",
                                      max_inputs=16, max_text_chars=200, max_prompt_tokens=8,
                                      max_body_mb=0.05)) as handle:
         yield handle

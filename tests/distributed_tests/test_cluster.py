@@ -54,7 +54,8 @@ def test_a_gdfo_run_spans_the_cluster_against_a_served_black_box(three_nodes, ti
     from gdfo_ray.serve import ServeConfig, start_in_thread
 
     monkeypatch.setenv("GDFO_TEACHER_TOKEN", TOKEN)
-    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1)) as service:
+    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1,
+                                     dtype="float32")) as service:
         config = _cluster_config(tiny_config, **{
             "model.teacher": service.url, "output_dir": str(tmp_path / "run"), "pool.n_teacher_actors": 2,
             "pool.calls_per_actor": 2, "pool.calls_per_s": 200.0, "pool.max_in_flight": 3})
