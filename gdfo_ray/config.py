@@ -255,8 +255,9 @@ class StudentConfig:
             (student ordering matched to the teacher's); 0 disables it.
         buffer_candidates: replay buffer bound, in candidates (each holds its batch's logits).
         train_body: also fine-tune the student's transformer body.
-        precision: the student's arithmetic: ``float32``, ``bfloat16`` (autocast; weights and
-            Adam stay float32), or ``auto`` (bfloat16 where the processor computes it natively).
+        precision: the arithmetic of the student's predictions (no gradient): ``float32``,
+            ``bfloat16`` (autocast), or ``auto`` (bfloat16 where the processor computes it
+            natively). Training steps and gradients always run in float32.
         overlap_distill: run the K steps on a generation's answers while the next
             generation's candidates are with the teacher. gdfo's gradient then comes from
             a student one generation behind; it pays where the student and the teacher

@@ -159,4 +159,4 @@ def test_bfloat16_student_arithmetic_stays_within_the_stated_tolerance(tiny_conf
     np.testing.assert_allclose(half.predict(z, "train", rows), full.predict(z, "train", rows), atol=0.05)
     _, g_full = full.grad_z(z)
     _, g_half = half.grad_z(z)
-    assert np.dot(g_full, g_half) / (np.linalg.norm(g_full) * np.linalg.norm(g_half)) > 0.95
+    np.testing.assert_allclose(g_half, g_full, rtol=1e-5, atol=1e-7)  # gradients always in float32
