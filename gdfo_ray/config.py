@@ -327,7 +327,8 @@ class PoolConfig:
             the teacher and student take turns rather than run together on a laptop.
         ray_num_cpus: CPUs of a Ray instance started locally (None: all).
         calls_per_actor: calls one teacher-query actor keeps in flight (threads). Only a
-            service teacher gains from more than 1: its actors wait on the network.
+            service teacher gains from more than 1: its actors wait on the network. More
+            actors scale better than more threads (benchmarks/pool_scaling.py).
         calls_per_s: rate limit on teacher calls, shared by every actor of the pool
             (retries included); None: no limit.
         max_in_flight: limit on teacher calls in flight across the pool; None: no limit.
