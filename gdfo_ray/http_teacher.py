@@ -12,6 +12,7 @@ fails raises :class:`~gdfo_ray.exceptions.TeacherError`: it is never scored.
 from __future__ import annotations
 
 import email.utils
+import os
 import random
 import threading
 import time
@@ -67,8 +68,6 @@ class HttpTeacher(BaseTeacher):
     """
 
     def __init__(self, config: GDFOConfig, data: TaskData, token: Optional[str] = None, limiter: Any = None):
-        import os
-
         self.url = config.model.teacher.rstrip("/")
         self.settings = config.service
         self.token = token if token is not None else os.environ.get(self.settings.token_env)

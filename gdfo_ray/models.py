@@ -282,7 +282,7 @@ class PromptedLM(nn.Module):
         self.readout = readout
         self.encoded: dict[str, EncodedSplit] = {}
         self.cached_splits: set = set()
-        self._prefix_kv: dict = {}  # split -> (prefix lengths, [(keys, values) per layer]), right-padded
+        self._prefix_kv: dict = {}  # split -> (prefix lengths, [(keys, values) per layer]) or None: no cache
         if readout == "verbalizer":
             if kind == "encoder":
                 raise ConfigError(f"{model_name!r} has no LM head to score verbalizer words.")
@@ -319,12 +319,9 @@ class PromptedLM(nn.Module):
     def forward(self, prompts: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
         """Scores of R rows: ``prompts`` (R, n, h) with ``rows`` (R,) example indices -> (R, C)."""
         enc = self.encoded[split]
-        if split in self.cached_splits and self._prefix_pays(enc):
-            table = self._prefix_kv.get(split)
-            if table is None:
-                table = self._prefix_kv[split] = self._compute_prefix_kv(enc)
-            return self.score(prompts, rows, enc, prefix_kv=table)
-        return self.score(prompts, rows, enc)
+        if split in self.cached_splits and split not in self._prefix_kv:  # decided once per split
+            self._prefix_kv[split] = self._compute_prefix_kv(enc) if self._prefix_pays(enc) else None
+        return self.score(prompts, rows, enc, prefix_kv=self._prefix_kv.get(split))
 
     def score(self, prompts: torch.Tensor, rows: np.ndarray, enc: EncodedSplit, prefix_kv=None) -> torch.Tensor:
         """As :meth:`forward`, on examples encoded elsewhere (a service's request)."""
@@ -346,13 +343,7 @@ class PromptedLM(nn.Module):
     def _forward_chunk(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit) -> torch.Tensor:
         n = prompts.shape[1]
         seqs = [enc.before[r] + [self.pad_id] * n + enc.after[r] for r in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.as_tensor(s)
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self._padded(seqs, max(len(s) for s in seqs))
         embeds = self.embeddings(ids)
         if n:
             starts = torch.as_tensor([len(enc.before[r]) for r in rows], device=self.device)
@@ -363,6 +354,15 @@ class PromptedLM(nn.Module):
         hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         at_slot = hidden[torch.arange(len(rows), device=self.device), slots]
         return self._read(at_slot).float()
+
+    def _padded(self, seqs: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids right-padded to ``width`` and their attention mask, on the model's device."""
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.as_tensor(seq)
+            mask[i, : len(seq)] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
     def _prefix_pays(enc: EncodedSplit) -> bool:
@@ -376,14 +376,8 @@ class PromptedLM(nn.Module):
         tables: list = []
         with torch.no_grad():
             for start in range(0, len(enc.before), self.max_rows):
-                seqs = enc.before[start:start + self.max_rows]
-                ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for i, seq in enumerate(seqs):
-                    ids[i, : len(seq)] = torch.as_tensor(seq)
-                    mask[i, : len(seq)] = 1
-                out = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                            use_cache=True)
+                ids, mask = self._padded(enc.before[start:start + self.max_rows], width)
+                out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
                 tables.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
         layers = [(torch.cat([t[i][0] for t in tables]), torch.cat([t[i][1] for t in tables]))
                   for i in range(len(tables[0]))]
@@ -400,13 +394,10 @@ class PromptedLM(nn.Module):
         n, r = prompts.shape[1], len(rows)
         after = [enc.after[i] for i in rows]
         tail = max(len(a) for a in after)
-        ids = torch.full((r, tail), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((r, width + n + tail), dtype=torch.long)
-        mask[:, :width] = (torch.arange(width)[None, :] < prefix.cpu()[:, None]).long()
-        for i, a in enumerate(after):
-            ids[i, : len(a)] = torch.as_tensor(a)
-            mask[i, width: width + n + len(a)] = 1
-        embeds = torch.cat([prompts.to(self.embeddings.weight.dtype), self.embeddings(ids.to(self.device))], dim=1)
+        ids, tail_mask = self._padded(after, tail)
+        mask = torch.cat([(torch.arange(width, device=self.device)[None, :] < prefix[:, None]).long(),
+                          torch.ones((r, n), dtype=torch.long, device=self.device), tail_mask], dim=1)
+        embeds = torch.cat([prompts.to(self.embeddings.weight.dtype), self.embeddings(ids)], dim=1)
         positions = prefix[:, None] + torch.arange(n + tail, device=self.device)
         cache = DynamicCache(ddp_cache_data=[(k[index, :, :width], v[index, :, :width]) for k, v in layers])
         hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask.to(self.device),

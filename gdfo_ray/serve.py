@@ -383,19 +383,13 @@ def make_scorer(config: ServeConfig):
     return SimulatedScorer(config) if config.simulate_latency_s is not None else ModelScorer(config)
 
 
-class _Stats:
-    def __init__(self):
-        self.counts = collections.Counter()
-        self.billed_keys: set = set()
-
-
 def build_app(config: ServeConfig, scorer, token: str):
     """The aiohttp application; ``scorer`` answers (see :class:`ModelScorer`, :class:`SimulatedScorer`)."""
     from aiohttp import web
 
     info = {**scorer.info(), "limits": config.limits()}
     pacer = Pacer(config.rate_limit, config.rate_burst)
-    stats = _Stats()
+    counts: collections.Counter = collections.Counter()
     answers: collections.OrderedDict = collections.OrderedDict()  # Idempotency-Key -> Future of the answer
 
     def error(status: int, message: str, headers: Optional[dict] = None):
@@ -406,22 +400,22 @@ def build_app(config: ServeConfig, scorer, token: str):
         if request.path != "/v1/health":
             given = request.headers.get("Authorization", "")
             if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
-                stats.counts["unauthorized"] += 1
+                counts["unauthorized"] += 1
                 return error(401, "Missing or wrong bearer token (header 'Authorization: Bearer <token>').")
         try:
             return await handler(request)
         except web.HTTPException as e:
             if e.status >= 400:
-                stats.counts[f"http_{e.status}"] += 1
+                counts[f"http_{e.status}"] += 1
                 return error(e.status, e.text or e.reason, {"Allow": e.headers["Allow"]} if "Allow" in e.headers
                              else None)
             raise
         except (WireError, ConfigError) as e:
-            stats.counts["bad_request"] += 1
+            counts["bad_request"] += 1
             return error(400, str(e))
         except Exception as e:  # the service stays up; the client sees what went wrong
             log.exception("request to %s failed", request.path)
-            stats.counts["server_error"] += 1
+            counts["server_error"] += 1
             return error(500, f"Internal error: {type(e).__name__}: {e}")
 
     async def read_json(request) -> Any:
@@ -447,21 +441,21 @@ def build_app(config: ServeConfig, scorer, token: str):
         return web.json_response({"embeddings": encode_array(scorer.embed(ids))})
 
     async def score(request):
-        stats.counts["requests"] += 1
+        counts["requests"] += 1
         wait = pacer.try_acquire(time.monotonic())
         if wait > 0:
-            stats.counts["rate_limited"] += 1
+            counts["rate_limited"] += 1
             return error(429, f"Rate limit of {config.rate_limit:g} calls/s exceeded.",
                          {"Retry-After": str(max(1, math.ceil(wait)))})
         if getattr(scorer, "queued", 0) >= config.max_queue:
-            stats.counts["queue_full"] += 1
+            counts["queue_full"] += 1
             return error(429, f"The service has {config.max_queue} calls queued.", {"Retry-After": "1"})
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 0 < len(key) <= 200:
             raise WireError("Idempotency-Key must be 1 to 200 characters.")
         req = parse_score_request(await read_json(request), config, info["hidden_size"])
         if key is not None and key in answers:
-            stats.counts["replayed"] += 1
+            counts["replayed"] += 1
             logits = await asyncio.shield(answers[key])
         else:
             future = asyncio.get_running_loop().create_future()
@@ -481,11 +475,11 @@ def build_app(config: ServeConfig, scorer, token: str):
                 future.exception()  # retrieved: no "never retrieved" warning when nobody replays
                 raise
             future.set_result(logits)
-            stats.counts["billed"] += 1
+            counts["billed"] += 1
         return web.json_response({"logits": encode_array(logits), "model": info["model"]})
 
     async def get_stats(request):
-        out = dict(stats.counts)
+        out = dict(counts)
         out["batches"] = getattr(scorer, "batches", 0)
         out["batched_requests"] = getattr(scorer, "batched_requests", 0)
         return web.json_response(out)
