@@ -9,6 +9,7 @@ workers before each :meth:`StudentTrainer.apply_grads`.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -204,7 +205,9 @@ class StudentTrainer:
     def state(self) -> dict:
         """Trainable weights and optimizer state (a frozen body is rebuilt from the model id)."""
         weights = {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}
-        return {"model": weights, "optimizer": self.optimizer.state_dict()}
+        # A copy: state_dict() shares Adam's moment tensors, which the next step changes in place. A
+        # snapshot taken before an overlapped distillation would otherwise change while it runs.
+        return {"model": weights, "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     def load_state(self, state: dict) -> None:
         missing = set(state["model"]) - {k for k, v in self.model.named_parameters() if v.requires_grad}
