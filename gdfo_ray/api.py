@@ -225,6 +225,10 @@ def _finish(config, driver: Driver, data, teacher, student, space, out: str, say
     s = driver.state
     say(f"[gdfo] scoring on {len(data.test)} test rows")
     manual, _ = driver.evaluate_prompt(None, "test")
+    if config.method == "manual" and s.best_dev[0] is None and s.budget.dev_calls == 0:
+        # The manual prompt's dev score: the baseline a campaign's dev-score plots draw beside the searches.
+        s.best_dev = (None, driver.evaluate_prompt(None, "dev")[0], float("inf"))
+        s.budget.dev_calls += 1
     z = driver.best_z
     tuned = manual if z is None else driver.evaluate_prompt(z, "test")[0]
     test = {"teacher_manual": manual, "teacher_tuned": tuned}
@@ -244,7 +248,7 @@ def _finish(config, driver: Driver, data, teacher, student, space, out: str, say
     teacher_s = sum(r.get("teacher_s", 0.0) for r in hist)
     summary = {
         "task": data.spec.name, "method": config.method, "seed": config.seed, "metric": data.spec.metric,
-        "test": test, "dev_best": s.best_dev[1] if s.best_dev[0] is not None else None,
+        "test": test, "dev_best": s.best_dev[1] if np.isfinite(s.best_dev[1]) else None,
         "calls": s.budget.spent, "dev_calls": s.budget.dev_calls, "generations": s.generation,
         "mean_rho": float(np.mean(rhos)) if rhos else None,
         "median_fidelity": float(np.median(fids)) if fids else None,

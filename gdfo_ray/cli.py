@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides
+from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides, deep_merge
 from gdfo_ray.exceptions import GDFOError
 
 log = logging.getLogger("gdfo_ray")
@@ -63,17 +63,7 @@ class _Run(_BaseCommand):
 
 def build_config(args: argparse.Namespace) -> GDFOConfig:
     """The YAML file (if any), then the flags, then ``--set`` overrides, validated once at the end."""
-    import yaml
-
-    data = {}
-    if args.config:
-        try:
-            with open(args.config) as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise GDFOError(f"Cannot read config file {args.config!r}: {e}") from e
-        if not isinstance(data, dict):
-            raise GDFOError(f"Config file {args.config!r} must hold a mapping of sections, not {type(data).__name__}.")
+    data = read_config_file(args.config) if args.config else {}
     overrides: dict = {}
     flags = {"task": "task.name", "method": "method", "teacher": "model.teacher", "student": "model.student",
              "budget": "search.budget_calls", "seed": "seed", "data_dir": "task.data_dir",
@@ -83,23 +73,33 @@ def build_config(args: argparse.Namespace) -> GDFOConfig:
         value = getattr(args, attr)
         if value is not None:
             overrides[key] = value
-    for item in args.set:
+    overrides.update(parse_sets(args.set))
+    return GDFOConfig.from_dict(apply_overrides(deep_merge(GDFOConfig().to_dict(), data), overrides))
+
+
+def read_config_file(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise GDFOError(f"Cannot read config file {path!r}: {e}") from e
+    if not isinstance(data, dict):
+        raise GDFOError(f"Config file {path!r} must hold a mapping of sections, not {type(data).__name__}.")
+    return data
+
+
+def parse_sets(items: Sequence[str]) -> dict:
+    """``--set key=value`` items as dotted-key overrides; values are parsed as YAML."""
+    overrides = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise GDFOError(f"--set expects KEY=VALUE, but got {item!r}.")
         overrides[key.strip()] = _parse_value(value)
-    return GDFOConfig.from_dict(apply_overrides(_deep_merge(GDFOConfig().to_dict(), data), overrides))
+    return overrides
 
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    """``update`` over ``base``; unknown keys are kept so that validation names them."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("cma_options",):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class _Serve(_BaseCommand):
@@ -144,7 +144,47 @@ class _Serve(_BaseCommand):
         return 0
 
 
-_COMMANDS = {"run": _Run, "serve": _Serve}
+class _Bench(_BaseCommand):
+    help = ("Run a campaign: every task x seed x method cell as a Ray task, results in a Parquet dataset; "
+            "a rerun skips finished cells.")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--tasks", nargs="+", required=True, help="presets or custom task names")
+        parser.add_argument("--seeds", nargs="+", required=True, help="run seeds (also the few-shot split seeds)")
+        parser.add_argument("--methods", nargs="+", required=True, choices=METHODS, metavar="METHOD",
+                            help=f"any of {list(METHODS)}")
+        parser.add_argument("--budget", type=int, help="black-box calls per cell (default: the config's)")
+        parser.add_argument("--results", default="campaign", help="campaign directory (default: ./campaign)")
+        parser.add_argument("--config", help="YAML config every cell starts from")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config field of every cell (repeatable)")
+        parser.add_argument("--split-seeds", default="auto", choices=("auto", "match"),
+                            help="auto: a task without a split for a seed uses one of its other splits")
+        parser.add_argument("--cell-cpus", type=float, default=2.0, help="CPUs per cell (also its torch threads)")
+        parser.add_argument("--cell-gpus", type=float, default=0.0, help="GPUs per cell")
+        parser.add_argument("--max-retries", type=int, default=1, help="reruns of a cell whose worker died")
+        parser.add_argument("--ray-address", help="cluster to join (default: $RAY_ADDRESS, else local)")
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        from gdfo_ray.campaign import CampaignConfig, run_campaign, seeds_from
+
+        base = read_config_file(args.config) if args.config else {}
+        base = apply_overrides(deep_merge(GDFOConfig().to_dict(), base), parse_sets(args.set))
+        campaign = CampaignConfig(args.results, tuple(args.tasks), seeds_from(args.seeds), tuple(args.methods),
+                                  budget=args.budget, base=base, split_seeds=args.split_seeds,
+                                  cell_cpus=args.cell_cpus, cell_gpus=args.cell_gpus,
+                                  max_retries=args.max_retries, ray_address=args.ray_address)
+        result = run_campaign(campaign, say=lambda line: print(line, file=sys.stderr, flush=True))
+        print(f"[bench] {len(result.finished)} cells finished now, {len(result.skipped)} before, "
+              f"{len(result.failed)} failed; results in {campaign.results_dir}", file=sys.stderr)
+        if result.failed:
+            print("[bench] failed cells (rerun the same command to retry them): "
+                  + ", ".join(sorted(result.failed)), file=sys.stderr)
+            return 1
+        return 0
+
+
+_COMMANDS = {"run": _Run, "serve": _Serve, "bench": _Bench}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -490,6 +490,17 @@ def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
     return data
 
 
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
+    """``update`` over ``base``, section by section; unknown keys are kept so that validation names them."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "cma_options":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _unknown_key_message(key: str, valid: list) -> str:
     similar = difflib.get_close_matches(key.split(".")[-1], valid, n=3)
     hint = f" Similar valid keys: {similar}." if similar else ""

@@ -1,0 +1,355 @@
+"""Benchmark campaigns: every (task, seed, method) cell as its own Ray task, results in Parquet.
+
+A campaign directory holds
+
+- ``campaign.yaml``: what was asked (tasks, seeds, methods, budget, the base config);
+- ``cells/task=<t>/method=<m>/seed-<s>.parquet``: one row per finished cell (scores,
+  calls, timings, and the cell's full config and versions as JSON), a Hive-partitioned
+  dataset that ``pyarrow.dataset`` or pandas read in one call;
+- ``curves/task=<t>/method=<m>/seed-<s>.parquet``: the cell's history, one row per
+  generation (calls, dev score), for the plots of ``gdfo report``;
+- ``runs/<task>_<method>_seed<s>/``: each cell's results directory, with the
+  checkpoint that lets a cell killed mid-run continue;
+- ``failed/<task>_<method>_seed<s>.json``: the error of a cell that failed.
+
+A cell is finished when its ``cells`` file exists; that file is written last and
+atomically, so a rerun of the same command skips finished cells and resumes the
+rest (a killed campaign loses at most the current generation of each running cell).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides, deep_merge
+from gdfo_ray.exceptions import ConfigError, GDFOError
+
+SPLIT_SEED_MODES = ("match", "auto")
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    seed: int
+    method: str
+    config: GDFOConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}_{self.method}_seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """One campaign: the grid, the budget, and where each cell runs.
+
+    Args:
+        results_dir: the campaign directory (see the module docstring).
+        tasks, seeds, methods: the grid; every combination is one cell.
+        budget: ``search.budget_calls`` of every cell (None: the base config's).
+        base: the config every cell starts from, as a nested dict (a ``--config``
+            YAML with ``--set`` overrides applied).
+        split_seeds: ``match`` uses the few-shot split of the run seed and fails if a task
+            lacks it; ``auto`` replaces a missing one by the task's first split not used
+            by another seed of the campaign (the tasks' seed lists differ: MRPC and SNLI
+            have 8 13 42 50 60, the others 13 21 42 87 100). The split used is recorded.
+        cell_cpus, cell_gpus: resources of one cell's Ray task; cells run in parallel as
+            the cluster's resources allow. The cell's torch uses ``cell_cpus`` threads.
+        max_retries: how often Ray reruns a cell whose worker died (it resumes from
+            its checkpoint). A cell that raises is not retried; it is recorded as failed.
+        ray_address: a cluster to join (default: ``$RAY_ADDRESS``, else Ray starts locally).
+    """
+
+    results_dir: str
+    tasks: tuple
+    seeds: tuple
+    methods: tuple
+    budget: Optional[int] = None
+    base: Mapping[str, Any] = field(default_factory=dict)
+    split_seeds: str = "auto"
+    cell_cpus: float = 2.0
+    cell_gpus: float = 0.0
+    max_retries: int = 1
+    ray_address: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "seeds", "methods"):
+            value = tuple(getattr(self, name))
+            if not value:
+                raise ConfigError(f"bench: {name} must not be empty.")
+            if len(set(value)) != len(value):
+                raise ConfigError(f"bench: {name} has repeated entries: {list(value)}.")
+            object.__setattr__(self, name, value)
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"bench: methods {bad} are unknown; allowed: {list(METHODS)}.")
+        if self.split_seeds not in SPLIT_SEED_MODES:
+            raise ConfigError(f"bench: split_seeds must be one of {list(SPLIT_SEED_MODES)}, got {self.split_seeds!r}.")
+        if self.cell_cpus <= 0 or self.cell_gpus < 0:
+            raise ConfigError(f"bench: cell_cpus must be > 0 and cell_gpus >= 0, got {self.cell_cpus}, {self.cell_gpus}.")
+        object.__setattr__(self, "results_dir", os.path.abspath(self.results_dir))
+        object.__setattr__(self, "base", dict(self.base))
+
+
+def _available_splits(config: GDFOConfig) -> Optional[list]:
+    """The task's few-shot split seeds in a BBT-layout data dir (None: data comes from elsewhere)."""
+    root = config.task.resolved_data_dir()
+    if config.task.train_file or not root:
+        return None
+    shots = os.path.join(root, config.task.name, "16-shot")
+    if not os.path.isdir(shots):
+        return None  # load_task names the problem when the cell runs
+    return sorted((int(s) for s in os.listdir(shots) if s.isdigit()))
+
+
+def plan(campaign: CampaignConfig) -> list[Cell]:
+    """Every cell's validated config; a bad value fails here, before any cell runs."""
+    cells = []
+    for task, method in itertools.product(campaign.tasks, campaign.methods):
+        assigned: dict[int, int] = {}
+        for seed in campaign.seeds:
+            overrides = {"task.name": task, "seed": int(seed), "method": method,
+                         "output_dir": os.path.join(campaign.results_dir, "runs", f"{task}_{method}_seed{seed}"),
+                         "pool.backend": "local", "pool.torch_threads": max(1, int(campaign.cell_cpus))}
+            if campaign.budget is not None:
+                overrides["search.budget_calls"] = campaign.budget
+            base = GDFOConfig.from_dict(apply_overrides(_merged_base(campaign.base), {"task.name": task}))
+            if base.task.data_dir is None and base.task.resolved_data_dir():
+                overrides["task.data_dir"] = os.path.abspath(base.task.resolved_data_dir())  # for remote workers
+            assigned[seed] = _split_seed(campaign, base, task, seed, assigned)
+            overrides["task.split_seed"] = assigned[seed]
+            config = GDFOConfig.from_dict(apply_overrides(_merged_base(campaign.base), overrides))
+            cells.append(Cell(task, int(seed), method, config))
+    return cells
+
+
+def _merged_base(base: Mapping[str, Any]) -> dict:
+    return deep_merge(GDFOConfig().to_dict(), dict(base))
+
+
+def _split_seed(campaign: CampaignConfig, base: GDFOConfig, task: str, seed: int, assigned: dict) -> int:
+    if base.task.split_seed is not None:
+        return base.task.split_seed
+    available = _available_splits(base)
+    if available is None or seed in available:
+        return int(seed)
+    if campaign.split_seeds == "match":
+        raise ConfigError(
+            f"bench: task {task!r} has no few-shot split for seed {seed} (available: {available}). "
+            "Either choose seeds every task has, or pass --split-seeds auto to use another split for it."
+        )
+    taken = set(assigned.values()) | {s for s in campaign.seeds if s in available}
+    free = [s for s in available if s not in taken]
+    if not free:
+        raise ConfigError(f"bench: task {task!r} has only the splits {available}, too few for seeds {list(campaign.seeds)}.")
+    return free[0]
+
+
+def cell_path(results_dir: str, kind: str, cell: Cell) -> str:
+    return os.path.join(results_dir, kind, f"task={cell.task}", f"method={cell.method}", f"seed-{cell.seed}.parquet")
+
+
+def is_finished(results_dir: str, cell: Cell) -> bool:
+    return os.path.exists(cell_path(results_dir, "cells", cell))
+
+
+def _check_finished_config(results_dir: str, cell: Cell) -> None:
+    """A finished cell is only skipped if it ran with the config asked for now."""
+    import pyarrow.parquet as pq
+
+    saved = json.loads(pq.read_table(cell_path(results_dir, "cells", cell), columns=["config_json"])[0][0].as_py())
+    current = json.loads(json.dumps(cell.config.to_dict()))
+    ignore = ("pool.", "service.", "output_dir")
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    # A key the saved config lacks came with a later version of gdfo-ray; its default reproduces the old run.
+    differs = sorted(k for k in flat_saved if flat_saved[k] != flat_now.get(k) and not k.startswith(ignore))
+    if differs:
+        raise ConfigError(
+            f"bench: {cell.name} already finished in {results_dir} with a different config ({differs}). "
+            "Either rerun with the same settings, or use another results directory."
+        )
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and k not in ("cma_options", "teacher_resources"):
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def run_cell(config_dict: dict) -> dict:
+    """One cell, in whatever process runs it: a fresh run, or the continuation of a killed one."""
+    from gdfo_ray.api import CHECKPOINT, run, versions
+
+    config = GDFOConfig.from_dict(config_dict)
+    os.makedirs(config.output_dir, exist_ok=True)
+    resume = os.path.exists(os.path.join(config.output_dir, CHECKPOINT))
+    started = time.time()
+    with open(os.path.join(config.output_dir, "log.txt"), "a") as log:
+        result = run(config, resume=resume, overwrite=not resume,
+                     progress=lambda line: (log.write(line + "\n"), log.flush()))
+    return {"summary": result.summary, "history": result.history, "versions": versions(), "resumed": resume,
+            "started": started, "finished": time.time(), "host": socket.gethostname()}
+
+
+def _cell_row(cell: Cell, out: dict) -> dict:
+    s = out["summary"]
+    test = s["test"]
+    score = test["teacher_manual"] if cell.method == "manual" else test["teacher_tuned"]
+    return {
+        "seed": cell.seed, "split_seed": cell.config.task.split_seed, "metric": s["metric"],
+        "test_score": float(score), "test_manual": float(test["teacher_manual"]),
+        "test_student": float(test["student"]) if "student" in test else None,
+        "dev_best": None if s.get("dev_best") is None else float(s["dev_best"]),
+        "budget": cell.config.search.budget_calls, "calls": int(s["calls"]), "dev_calls": int(s["dev_calls"]),
+        "generations": int(s["generations"]), "wall_s": float(out["finished"] - out["started"]),
+        "run_wall_s": float(s.get("wall_s", 0.0)), "s_per_call": s.get("s_per_call"),
+        "teacher": cell.config.model.teacher, "student": cell.config.model.student,
+        "teacher_dtype": s.get("teacher_info", {}).get("dtype"), "resumed": bool(out["resumed"]),
+        "host": out["host"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(out["finished"])),
+        "config_json": json.dumps(cell.config.to_dict()), "versions_json": json.dumps(out["versions"]),
+        "summary_json": json.dumps(s, default=float),
+    }
+
+
+def _write_parquet(path: str, table) -> None:
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def record(results_dir: str, cell: Cell, out: dict) -> dict:
+    """Write the cell's curve, then its row (last: its presence marks the cell finished)."""
+    import pyarrow as pa
+
+    keys = ("generation", "calls", "dev_calls", "dev_score", "fitness_best", "step_s")
+    curve = {k: [None if r.get(k) is None else float(r[k]) for r in out["history"]] for k in keys}
+    curve["seed"] = [cell.seed] * len(out["history"])
+    _write_parquet(cell_path(results_dir, "curves", cell),
+                   pa.table({k: pa.array(v, pa.int64() if k == "seed" else pa.float64()) for k, v in curve.items()}))
+    row = _cell_row(cell, out)
+    _write_parquet(cell_path(results_dir, "cells", cell), pa.Table.from_pylist([row]))
+    failed = os.path.join(results_dir, "failed", cell.name + ".json")
+    if os.path.exists(failed):
+        os.remove(failed)
+    return row
+
+
+def _write_campaign_file(campaign: CampaignConfig) -> None:
+    import yaml
+
+    os.makedirs(campaign.results_dir, exist_ok=True)
+    path = os.path.join(campaign.results_dir, "campaign.yaml")
+    data = dataclasses.asdict(campaign)
+    data.update(tasks=list(campaign.tasks), seeds=list(campaign.seeds), methods=list(campaign.methods))
+    runs = []
+    if os.path.exists(path):  # a campaign directory may grow (more methods, seeds); keep what came before
+        with open(path) as f:
+            runs = (yaml.safe_load(f) or {}).get("invocations", [])
+    runs.append({**data, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump({"invocations": runs}, f, sort_keys=False)
+    os.replace(path + ".tmp", path)
+
+
+@dataclass
+class CampaignResult:
+    finished: list  # rows of the cells that finished in this invocation
+    skipped: list  # names of cells finished before
+    failed: dict  # name -> error message
+
+
+def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -> CampaignResult:
+    """Run every unfinished cell as a Ray task; returns what finished, was skipped and failed."""
+    import ray
+
+    from gdfo_ray.config import PoolConfig
+    from gdfo_ray.distributed import init_ray
+
+    # Seed-major order: a campaign stopped early still has whole seeds of every task and method.
+    cells = sorted(plan(campaign), key=lambda c: (campaign.seeds.index(c.seed), campaign.tasks.index(c.task),
+                                                   campaign.methods.index(c.method)))
+    todo, skipped = [], []
+    for cell in cells:
+        if is_finished(campaign.results_dir, cell):
+            _check_finished_config(campaign.results_dir, cell)
+            skipped.append(cell.name)
+        else:
+            todo.append(cell)
+    _write_campaign_file(campaign)
+    say(f"[bench] {len(cells)} cells: {len(skipped)} finished before, {len(todo)} to run -> {campaign.results_dir}")
+    result = CampaignResult([], skipped, {})
+    if not todo:
+        return result
+    started_ray = init_ray(PoolConfig(ray_address=campaign.ray_address))
+    try:
+        remote = ray.remote(run_cell).options(num_cpus=campaign.cell_cpus, num_gpus=campaign.cell_gpus,
+                                              max_retries=campaign.max_retries, retry_exceptions=False)
+        pending = {remote.remote(cell.config.to_dict()): cell for cell in todo}
+        t0 = time.time()
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except Exception as e:  # a cell's own error: record it, the others go on
+                result.failed[cell.name] = _record_failure(campaign.results_dir, cell, e)
+                say(f"[bench] FAILED {cell.name}: {result.failed[cell.name].splitlines()[0]}")
+                continue
+            row = record(campaign.results_dir, cell, out)
+            result.finished.append({"task": cell.task, "method": cell.method, **row})
+            done = len(result.finished) + len(result.failed)
+            eta = (time.time() - t0) / done * len(pending)
+            say(f"[bench] {done}/{len(todo)} {cell.name}: test {row['metric']} {row['test_score']:.4f}, "
+                f"{row['calls']} calls, {row['wall_s']:.0f} s{' (resumed)' if out['resumed'] else ''}"
+                f" | about {eta / 60:.0f} min left")
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return result
+
+
+def _record_failure(results_dir: str, cell: Cell, error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error  # a RayTaskError carries the cell's own exception
+    message = f"{type(cause).__name__}: {cause}"
+    os.makedirs(os.path.join(results_dir, "failed"), exist_ok=True)
+    with open(os.path.join(results_dir, "failed", cell.name + ".json"), "w") as f:
+        json.dump({"cell": cell.name, "error": message, "traceback": "".join(traceback.format_exception(error)),
+                   "config": cell.config.to_dict()}, f, indent=2)
+    return message
+
+
+def read_results(results_dir: str, kind: str = "cells") -> list[dict]:
+    """The rows of a campaign's ``cells`` or ``curves`` dataset, partition columns included."""
+    import pyarrow.dataset as ds
+
+    path = os.path.join(results_dir, kind)
+    if not os.path.isdir(path):
+        raise GDFOError(f"{results_dir} holds no {kind}/ dataset; is it a campaign directory of `gdfo bench`?")
+    files = [os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(".parquet")]
+    if not files:
+        return []
+    dataset = ds.dataset(files, format="parquet", partitioning=ds.partitioning(flavor="hive"),
+                         partition_base_dir=path)
+    return dataset.to_table().to_pylist()
+
+
+def seeds_from(values: Sequence[str]) -> tuple:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError as e:
+        raise ConfigError(f"bench: seeds must be integers, got {list(values)}.") from e
