@@ -25,7 +25,7 @@ from gdfo_ray.config import GDFOConfig
 from gdfo_ray.driver import Driver, DriverState
 from gdfo_ray.exceptions import ResumeError
 from gdfo_ray.losses import metric
-from gdfo_ray.prompt import PromptSpace, save_prompt
+from gdfo_ray.prompt import make_space, save_prompt
 from gdfo_ray.tasks import load_task
 
 CHECKPOINT = "checkpoint.pkl"
@@ -161,8 +161,7 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
     teacher, student, ray_started = _make_pools(config, data)
     try:
         info = teacher.describe()
-        space = PromptSpace.create(config.prompt, config.seed, info.hidden_size, info.embedding_std,
-                                   info.vocab_size, teacher.embed_tokens)
+        space = make_space(config.method, config.prompt, config.seed, info, teacher.embed_tokens)
         state = None
         if checkpoint is not None:
             state = checkpoint["state"]
@@ -199,15 +198,18 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
                 ray.shutdown()
 
 
-def _make_pools(config: GDFOConfig, data):
+def _make_pools(config: GDFOConfig, data, limiter_actor=None):
+    """The teacher pool and student group of ``config.pool``; ``limiter_actor`` shares a rate limit beyond this run."""
     if config.pool.backend == "local":
-        from gdfo_ray.ratelimit import LocalLimiter
+        from gdfo_ray.ratelimit import LocalLimiter, SharedLimiter
         from gdfo_ray.student import StudentGroup, StudentTrainer
         from gdfo_ray.teacher import TeacherPool, make_teacher
 
         p = config.pool
         limiter = (LocalLimiter(p.calls_per_s, p.max_in_flight, p.rate_burst)
                    if p.calls_per_s is not None or p.max_in_flight is not None else None)
+        if limiter_actor is not None:
+            limiter = SharedLimiter(limiter_actor, counts_in_flight=p.max_in_flight is not None)
         teacher = TeacherPool([make_teacher(config, data, limiter=limiter)],
                               one_call_per_piece=config.model.teacher_is_service)
         student = StudentGroup([StudentTrainer(config, data)]) if config.uses_student else None
@@ -215,7 +217,7 @@ def _make_pools(config: GDFOConfig, data):
     from gdfo_ray.distributed import init_ray, make_ray_student_group, make_ray_teacher_pool
 
     started = init_ray(config.pool)
-    teacher = make_ray_teacher_pool(config, data)
+    teacher = make_ray_teacher_pool(config, data, limiter_actor=limiter_actor)
     student = make_ray_student_group(config, data) if config.uses_student else None
     return teacher, student, started
 

@@ -184,7 +184,70 @@ class _Bench(_BaseCommand):
         return 0
 
 
-_COMMANDS = {"run": _Run, "serve": _Serve, "bench": _Bench}
+class _Tune(_BaseCommand):
+    help = ("Ray Tune sweep of a method's hyperparameters on the dev set (Optuna proposes, ASHA stops weak "
+            "trials); writes trials.parquet and best_config.yaml.")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", help="YAML config every trial starts from")
+        parser.add_argument("--task", help="preset or custom task name")
+        parser.add_argument("--method", choices=METHODS)
+        parser.add_argument("--teacher", help="HF model id, local path or service URL of the black box")
+        parser.add_argument("--budget", type=int, help="train calls per trial (ASHA's maximum)")
+        parser.add_argument("--seed", type=int)
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config field of every trial (repeatable)")
+        parser.add_argument("--samples", type=int, default=8, help="number of trials")
+        parser.add_argument("--space", help="YAML {dotted.key: {uniform|loguniform|randint|choice: args}} "
+                            "replacing the method's default space")
+        parser.add_argument("--name", default="gdfo_tune", help="experiment name")
+        parser.add_argument("--storage", default="tune_results", help="where experiments are kept")
+        parser.add_argument("--resume", action="store_true", help="continue the experiment --name (Tuner.restore)")
+        parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+        parser.add_argument("--grace-calls", type=int, help="calls before ASHA may stop a trial (default budget/4)")
+        parser.add_argument("--reduction-factor", type=int, default=3)
+        parser.add_argument("--total-calls", type=int, help="train calls all trials may spend together")
+        parser.add_argument("--trial-cpus", type=float, default=2.0, help="CPUs per trial (pool.backend=local)")
+        parser.add_argument("--trial-gpus", type=float, default=0.0)
+        parser.add_argument("--search-seed", type=int, default=0, help="Optuna sampler seed")
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        from gdfo_ray.tune import TuneSettings, tune_run
+
+        base = read_config_file(args.config) if args.config else {}
+        overrides = {"pool.backend": "local"}  # trials run their pools in-process unless --set says otherwise
+        flags = {"task": "task.name", "method": "method", "teacher": "model.teacher", "budget": "search.budget_calls",
+                 "seed": "seed"}
+        overrides.update({key: getattr(args, attr) for attr, key in flags.items() if getattr(args, attr) is not None})
+        overrides.update(parse_sets(args.set))
+        base = apply_overrides(deep_merge(GDFOConfig().to_dict(), base), overrides)
+        space = read_config_file(args.space) if args.space else None
+        settings = TuneSettings(base, space=space, num_samples=args.samples, storage_dir=args.storage, name=args.name,
+                                max_concurrent=args.max_concurrent, grace_calls=args.grace_calls,
+                                reduction_factor=args.reduction_factor, total_calls=args.total_calls,
+                                trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus, seed=args.search_seed)
+        tune_run(settings, resume=args.resume, say=lambda line: print(line, file=sys.stderr, flush=True))
+        return 0
+
+
+class _Report(_BaseCommand):
+    help = "Summarize a campaign: a Markdown table (mean ± std over seeds per task and method) and PNG plots."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("results", help="campaign directory of gdfo bench")
+        parser.add_argument("--out", help="where report.md and the plots go (default: RESULTS/report)")
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        from gdfo_ray.report import build_report
+
+        path = build_report(args.results, args.out)
+        with open(path) as f:
+            print(f.read())
+        print(f"[report] written to {path}", file=sys.stderr)
+        return 0
+
+
+_COMMANDS = {"run": _Run, "serve": _Serve, "tune": _Tune, "bench": _Bench, "report": _Report}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 
 from gdfo_ray.exceptions import ConfigError
 
-METHODS = ("manual", "bbt", "kd", "gdfo", "white_box")
+METHODS = ("manual", "bbt", "bbtv2", "kd", "gdfo", "white_box")
 LOSSES = ("ce", "hinge")
 MODEL_KINDS = ("auto", "causal_lm", "masked_lm", "encoder")
 BACKENDS = ("ray", "local")
@@ -180,18 +180,26 @@ class PromptConfig:
         n_prompt_tokens: n, the number of prompt embeddings prepended at ``{prompt}``.
         alpha: scale of A's std relative to std(word embeddings) / sqrt(d).
         init: P0 from n random vocabulary tokens (``vocab``, BBT) or ``zeros``.
+        deep_layers: for ``bbtv2``, how many layers get a prompt, counted from the input:
+            layer 0 is the input embeddings (as in BBT), layer l >= 1 adds its prompt to the
+            hidden states entering transformer layer l. None: every layer. Each layer
+            has its own z (d each) and its own CMA-ES, so a small budget is better spent
+            on fewer layers.
     """
 
     intrinsic_dim: int = 100
     n_prompt_tokens: int = 10
     alpha: float = 1.0
     init: str = "vocab"
+    deep_layers: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_int("prompt.intrinsic_dim", self.intrinsic_dim, 1)
         _check_int("prompt.n_prompt_tokens", self.n_prompt_tokens, 1)
         _check_positive("prompt.alpha", self.alpha)
         _check_choice("prompt.init", self.init, PROMPT_INITS)
+        if self.deep_layers is not None:
+            _check_int("prompt.deep_layers", self.deep_layers, 1)
 
 
 @dataclass(frozen=True)

@@ -198,16 +198,21 @@ class Driver:
         space: the teacher's prompt space.
         state: a resumed state, or None to start fresh.
         hooks: called with (driver, history row) after every generation.
+        gate: asked ``gate(calls)`` before each generation; False ends the run. A budget
+            shared beyond this run (Tune trials querying one service) reserves the calls here,
+            before they are dispatched.
     """
 
     def __init__(self, config: GDFOConfig, data: TaskData, teacher, student, space: PromptSpace,
-                 state: Optional[DriverState] = None, hooks: tuple[Callable, ...] = ()):
+                 state: Optional[DriverState] = None, hooks: tuple[Callable, ...] = (),
+                 gate: Optional[Callable[[int], bool]] = None):
         self.config, self.data, self.teacher, self.student, self.space = config, data, teacher, student, space
         self.loss = config.search.loss or data.spec.loss
         self.train_ids = np.arange(len(data.train))
         self.hooks = list(hooks)
+        self.gate = gate
         if state is None:
-            state = DriverState(make_method(config), CallBudget(config.search.budget_calls),
+            state = DriverState(make_method(config, getattr(space, "n_layers", 1)), CallBudget(config.search.budget_calls),
                                 ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seed))
         elif state.np_global_state:
             np.random.set_state(state.np_global_state)
@@ -245,6 +250,8 @@ class Driver:
     def run(self) -> DriverState:
         s = self.state
         while s.method.calls_per_generation and s.budget.can_afford(s.method.calls_per_generation):
+            if self.gate is not None and not self.gate(s.method.calls_per_generation):
+                break
             t0 = time.perf_counter()
             ctx = StepContext(self)
             info = s.method.step(ctx)

@@ -173,6 +173,11 @@ class HttpTeacher(BaseTeacher):
             if rows.text_pair is not None:
                 item["text_pair"] = rows.text_pair[i]
             inputs.append(item)
+        if np.ndim(prompts) == 4:
+            raise TeacherError(
+                f"The service at {self.url} takes input-embedding prompts only, not per-layer prompts (method "
+                "'bbtv2'). Use a method that prompts the input (bbt, gdfo), or a local teacher model."
+            )
         call_ids = list(call_ids) if call_ids is not None else [uuid.uuid4().hex for _ in range(len(prompts))]
         out = []
         for prompt, key in zip(np.asarray(prompts, dtype=np.float32), call_ids):

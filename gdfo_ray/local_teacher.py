@@ -13,7 +13,7 @@ import torch
 
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.losses import task_loss
-from gdfo_ray.models import build_prompted_lm, host_tensor, set_threads
+from gdfo_ray.models import DeepPrompts, build_prompted_lm, host_tensor, set_threads
 from gdfo_ray.tasks import TaskData
 from gdfo_ray.teacher import BaseTeacher, TeacherInfo
 
@@ -35,13 +35,16 @@ class LocalTeacher(BaseTeacher):
         if config.model.compile:
             body = self.lm.model.base_model
             body.forward = torch.compile(body.forward, dynamic=True)
+        self._layer_std: Optional[tuple] = None
         if config.model.kv_cache:
             self.lm.cache_prefixes(["train", "dev"])  # scored in every call / every E calls; test only twice
 
     def describe(self) -> TeacherInfo:
+        if self._layer_std is None:
+            self._layer_std = tuple(self.lm.layer_input_std("train"))
         return TeacherInfo(self.name, self.lm.hidden_size, self.lm.embedding_std(),
                            self.lm.embeddings.weight.shape[0], self.lm.spec.n_classes,
-                           str(self.lm.embeddings.weight.dtype).replace("torch.", ""))
+                           str(self.lm.embeddings.weight.dtype).replace("torch.", ""), layer_std=self._layer_std)
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self.lm.embed_tokens(ids).float().cpu().numpy()
@@ -50,10 +53,14 @@ class LocalTeacher(BaseTeacher):
               call_ids: Optional[Sequence[str]] = None) -> np.ndarray:
         k, b = prompts.shape[0], len(example_ids)
         p = host_tensor(prompts, self.lm.device, torch.float32)
+        deep = None
+        if p.ndim == 4:  # (k, L, n, h): layer 0 at the embeddings, the others on the hidden states
+            owner = torch.arange(k, device=self.lm.device).repeat_interleave(b)
+            p, deep = p[:, 0], DeepPrompts(p[:, 1:], owner)
         rows_p = p.repeat_interleave(b, dim=0)  # candidate-major: row i*b + j = (candidate i, example j)
         rows = np.tile(np.asarray(example_ids), k)
         with torch.inference_mode():
-            logits = self.lm(rows_p, rows, split)
+            logits = self.lm(rows_p, rows, split, deep=deep)
         return logits.reshape(k, b, -1).cpu().numpy()
 
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,

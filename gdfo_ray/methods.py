@@ -75,6 +75,52 @@ class BBT(BaseMethod):
         return self._ask_tell(ctx, predict=False)[3]
 
 
+class BBTv2(BaseMethod):
+    """Deep prompts, one z_l per layer, CMA-ES per layer in turns (Sun et al., EMNLP 2022).
+
+    Generation t searches layer ``t mod L`` with that layer's own CMA-ES while the other
+    layers stay at their current vectors. The current vector of a layer is the best
+    candidate its searches found, kept only when it lowers the train loss of the whole
+    prompt, so the prompt the turns share never gets worse. The budget counts every call
+    of every layer, as for bbt.
+    """
+
+    name = "bbtv2"
+
+    def __init__(self, config: GDFOConfig, n_layers: int):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Could not import matplotlib")
+            import cma
+
+        self.d, self.n_layers = config.prompt.intrinsic_dim, n_layers
+        self.calls_per_generation = config.popsize
+        self.z = np.zeros(n_layers * self.d)
+        self.current_fitness = float("inf")
+        self.turn = 0
+        options = {"popsize": config.popsize, "verbose": -9, "maxiter": 10**9, "tolfun": 0, "tolx": 0,
+                   "tolstagnation": 10**9, **config.search.cma_options}
+        # One seed per layer, derived from the run seed (+1 as in BBT: pycma reads seed 0 as "from the clock").
+        self.es = [cma.CMAEvolutionStrategy(np.zeros(self.d), config.search.sigma0,
+                                            {**options, "seed": (config.seed + 1) * 1000 + layer})
+                   for layer in range(n_layers)]
+
+    def step(self, ctx: "StepContext") -> dict:
+        layer = self.turn % self.n_layers
+        es, part = self.es[layer], slice(layer * self.d, (layer + 1) * self.d)
+        with ctx.timed("optimizer_s"):
+            Z_layer = np.asarray(es.ask())
+            Z = np.repeat(self.z[None, :], len(Z_layer), axis=0)
+            Z[:, part] = Z_layer
+        F, _ = ctx.evaluate(Z)
+        with ctx.timed("optimizer_s"):
+            es.tell(list(Z_layer), F.tolist())
+        best = int(np.argmin(F))
+        if F[best] < self.current_fitness:
+            self.z, self.current_fitness = Z[best].copy(), float(F[best])
+        self.turn += 1
+        return {"sigma": float(es.sigma), "layer": layer}
+
+
 class GDFO(BBT):
     """CMA-ES plus the student's gradient candidate and the harmonized mean (METHOD.md, 1-5)."""
 
@@ -154,7 +200,10 @@ class WhiteBox(BaseMethod):
         return {"grad_norm": float(np.linalg.norm(g))}
 
 
-def make_method(config: GDFOConfig) -> BaseMethod:
+def make_method(config: GDFOConfig, n_layers: int = 1) -> BaseMethod:
+    """The method ``config.method``; ``n_layers`` is the prompt space's layer count (bbtv2)."""
+    if config.method == "bbtv2":
+        return BBTv2(config, n_layers)
     classes = {"manual": Manual, "bbt": BBT, "gdfo": GDFO, "kd": KD, "white_box": WhiteBox}
     cls = classes[config.method]
     return cls() if cls is Manual else cls(config)

@@ -9,6 +9,7 @@ length so that padding stays small.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -316,14 +317,16 @@ class PromptedLM(nn.Module):
     def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
         return self.embeddings(torch.as_tensor(list(ids), device=self.device)).detach()
 
-    def forward(self, prompts: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
+    def forward(self, prompts: torch.Tensor, rows: np.ndarray, split: str,
+                deep: "DeepPrompts | None" = None) -> torch.Tensor:
         """Scores of R rows: ``prompts`` (R, n, h) with ``rows`` (R,) example indices -> (R, C)."""
         enc = self.encoded[split]
         if split in self.cached_splits and split not in self._prefix_kv:  # decided once per split
             self._prefix_kv[split] = self._compute_prefix_kv(enc) if self._prefix_pays(enc) else None
-        return self.score(prompts, rows, enc, prefix_kv=self._prefix_kv.get(split))
+        return self.score(prompts, rows, enc, prefix_kv=self._prefix_kv.get(split), deep=deep)
 
-    def score(self, prompts: torch.Tensor, rows: np.ndarray, enc: EncodedSplit, prefix_kv=None) -> torch.Tensor:
+    def score(self, prompts: torch.Tensor, rows: np.ndarray, enc: EncodedSplit, prefix_kv=None,
+              deep: "DeepPrompts | None" = None) -> torch.Tensor:
         """As :meth:`forward`, on examples encoded elsewhere (a service's request)."""
         n = prompts.shape[1]
         lengths = np.asarray([len(enc.before[r]) + n + len(enc.after[r]) for r in rows])
@@ -331,27 +334,95 @@ class PromptedLM(nn.Module):
         out = [None] * len(rows)
         for start in range(0, len(rows), self.max_rows):
             chunk = order[start:start + self.max_rows]
-            chunk_prompts, chunk_rows = prompts[torch.as_tensor(chunk)], [rows[i] for i in chunk]
+            index = torch.as_tensor(chunk)
+            chunk_prompts, chunk_rows = prompts[index], [rows[i] for i in chunk]
+            chunk_deep = None if deep is None else deep.values[deep.owner[index]]
             if prefix_kv is None:
-                scores = self._forward_chunk(chunk_prompts, chunk_rows, enc)
+                scores = self._forward_chunk(chunk_prompts, chunk_rows, enc, chunk_deep)
             else:
-                scores = self._forward_chunk_cached(chunk_prompts, chunk_rows, enc, prefix_kv)
+                scores = self._forward_chunk_cached(chunk_prompts, chunk_rows, enc, prefix_kv, chunk_deep)
             for j, i in enumerate(chunk):
                 out[i] = scores[j]
         return torch.stack(out)
 
-    def _forward_chunk(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit) -> torch.Tensor:
+    def transformer_layers(self) -> nn.ModuleList:
+        """The body's stack of layers, where deep prompts go in (Llama/Mistral/Qwen, BERT/RoBERTa, GPT-2)."""
+        body = self.model.base_model
+        for path in ("layers", "encoder.layer", "h", "decoder.layers", "transformer.h"):
+            found = body
+            for part in path.split("."):
+                found = getattr(found, part, None)
+            if isinstance(found, nn.ModuleList):
+                return found
+        raise ConfigError(
+            f"Deep prompts need the layer stack of {type(self.model).__name__}, which is not in one of the known "
+            "places (layers, encoder.layer, h). Use method 'bbt', or a Llama-, BERT- or GPT-2-style model."
+        )
+
+    def layer_input_std(self, split: str, n_examples: int = 16) -> list[float]:
+        """Scale of the hidden states entering each layer on a few examples: each deep prompt's scale (BBTv2).
+
+        A robust std (1.4826 x the median absolute deviation): a few massive activations
+        (the first token's, in Llama-style models) put SmolLM2's plain std at 180 from
+        layer 12 on, against 2.7 for the typical entry.
+        """
+        enc = self.encoded[split]
+        seqs = [enc.before[r] + enc.after[r] for r in range(min(n_examples, len(enc.before)))]
+        ids, mask = self._padded(seqs, max(len(s) for s in seqs))
+        with torch.no_grad():
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        keep = mask.bool()
+        # hidden_states[l] enters layer l for l < L (the last entry is the body's output).
+        scales = []
+        for h in hidden[: len(self.transformer_layers())]:
+            values = h[keep].float()
+            scales.append(float(1.4826 * (values - values.median()).abs().median()))
+        return scales
+
+    @contextlib.contextmanager
+    def _deep_prompts(self, deep: "torch.Tensor | None", positions: "torch.Tensor | None"):
+        """Add ``deep[:, l - 1]`` (R, n, h) to the prompt positions (R, n) of the hidden states entering layer l."""
+        if deep is None or deep.shape[1] == 0:
+            yield
+            return
+        layers = self.transformer_layers()
+        if deep.shape[1] >= len(layers):
+            raise ConfigError(f"Got prompts for {deep.shape[1] + 1} layers, but the model has {len(layers)}.")
+        rows = torch.arange(deep.shape[0], device=self.device)[:, None].expand(-1, deep.shape[2])
+
+        def adder(values: torch.Tensor):
+            def hook(module, args, kwargs):
+                if args:
+                    return (args[0].index_put((rows, positions), values.to(args[0].dtype), accumulate=True),
+                            *args[1:]), kwargs
+                h = kwargs["hidden_states"]
+                return args, {**kwargs, "hidden_states": h.index_put((rows, positions), values.to(h.dtype),
+                                                                     accumulate=True)}
+            return hook
+
+        handles = [layers[l].register_forward_pre_hook(adder(deep[:, l - 1]), with_kwargs=True)
+                   for l in range(1, deep.shape[1] + 1)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _forward_chunk(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit,
+                       deep: "torch.Tensor | None" = None) -> torch.Tensor:
         n = prompts.shape[1]
         seqs = [enc.before[r] + [self.pad_id] * n + enc.after[r] for r in rows]
         ids, mask = self._padded(seqs, max(len(s) for s in seqs))
         embeds = self.embeddings(ids)
+        positions = None
         if n:
             starts = torch.as_tensor([len(enc.before[r]) for r in rows], device=self.device)
             positions = starts[:, None] + torch.arange(n, device=self.device)
             row_index = torch.arange(len(rows), device=self.device)[:, None].expand(-1, n)
             embeds = embeds.index_put((row_index, positions), prompts.to(embeds.dtype))
         slots = torch.as_tensor([len(enc.before[r]) + n + enc.slot[r] for r in rows], device=self.device)
-        hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        with self._deep_prompts(deep, positions):
+            hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         at_slot = hidden[torch.arange(len(rows), device=self.device), slots]
         return self._read(at_slot).float()
 
@@ -383,7 +454,8 @@ class PromptedLM(nn.Module):
                   for i in range(len(tables[0]))]
         return lengths, layers
 
-    def _forward_chunk_cached(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit, prefix_kv) -> torch.Tensor:
+    def _forward_chunk_cached(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit, prefix_kv,
+                              deep: "torch.Tensor | None" = None) -> torch.Tensor:
         """The prompt and the tokens after it, attending to the cached prefix of each row's example."""
         from transformers import DynamicCache
 
@@ -400,8 +472,11 @@ class PromptedLM(nn.Module):
         embeds = torch.cat([prompts.to(self.embeddings.weight.dtype), self.embeddings(ids)], dim=1)
         positions = prefix[:, None] + torch.arange(n + tail, device=self.device)
         cache = DynamicCache(ddp_cache_data=[(k[index, :, :width], v[index, :, :width]) for k, v in layers])
-        hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask.to(self.device),
-                                       position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        at_prompt = torch.arange(n, device=self.device)[None, :].expand(r, -1)  # the prompt opens the new tokens
+        with self._deep_prompts(deep, at_prompt):
+            hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask.to(self.device),
+                                           position_ids=positions, past_key_values=cache,
+                                           use_cache=True).last_hidden_state
         slots = torch.as_tensor([n + enc.slot[i] for i in rows], device=self.device)
         return self._read(hidden[torch.arange(r, device=self.device), slots]).float()
 
@@ -420,6 +495,15 @@ class PromptedLM(nn.Module):
             f"Don't know the MLM head of {type(self.model).__name__}; pass a BERT/RoBERTa-style masked LM "
             "or a causal LM."
         )
+
+
+@dataclass
+class DeepPrompts:
+    """Per-layer prompts of k candidates, ``values`` (k, L - 1, n, h) for layers 1..L-1, and each
+    row's candidate, ``owner`` (R,): rows index into the candidates instead of copying them."""
+
+    values: torch.Tensor
+    owner: torch.Tensor
 
 
 def host_tensor(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -33,6 +33,13 @@ class TeacherInfo:
     vocab_size: int
     n_classes: int
     dtype: str = "unknown"  # what the black box computes in, where it says
+    # Deep prompts (bbtv2): the std of the hidden states entering each layer, for the scale of each
+    # layer's projection. None: the black box takes input-embedding prompts only.
+    layer_std: Optional[tuple] = None
+
+    @property
+    def deep_prompts(self) -> bool:
+        return self.layer_std is not None
 
 
 class BaseTeacher(abc.ABC):
@@ -50,6 +57,10 @@ class BaseTeacher(abc.ABC):
     def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray,
               call_ids: Optional[Sequence[str]] = None) -> np.ndarray:
         """Logits ``(k, B, C)`` of ``k`` prompts ``(k, n, h)`` on the examples ``example_ids`` of ``split``.
+
+        Deep prompts (bbtv2) are ``(k, L, n, h)``: ``[:, 0]`` goes in at the input embeddings,
+        ``[:, l]`` is added to the hidden states of the prompt tokens entering layer ``l``.
+        Only a teacher whose :meth:`describe` gives ``layer_std`` takes them.
 
         ``call_ids`` name the ``k`` calls; a service uses them as idempotency keys, so
         a call sent again (a retry, or a re-query after an actor died) is billed once.
