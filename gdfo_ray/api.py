@@ -198,8 +198,12 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
                 ray.shutdown()
 
 
-def _make_pools(config: GDFOConfig, data, limiter_actor=None):
-    """The teacher pool and student group of ``config.pool``; ``limiter_actor`` shares a rate limit beyond this run."""
+def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[str] = None):
+    """The teacher pool and student group of ``config.pool``.
+
+    ``limiter_actor`` shares a rate limit beyond this run; ``token`` is the service's, when
+    it was read elsewhere (a Tune driver passing it to its trials).
+    """
     if config.pool.backend == "local":
         from gdfo_ray.ratelimit import LocalLimiter, SharedLimiter
         from gdfo_ray.student import StudentGroup, StudentTrainer
@@ -210,14 +214,14 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None):
                    if p.calls_per_s is not None or p.max_in_flight is not None else None)
         if limiter_actor is not None:
             limiter = SharedLimiter(limiter_actor, counts_in_flight=p.max_in_flight is not None)
-        teacher = TeacherPool([make_teacher(config, data, limiter=limiter)],
+        teacher = TeacherPool([make_teacher(config, data, token=token, limiter=limiter)],
                               one_call_per_piece=config.model.teacher_is_service)
         student = StudentGroup([StudentTrainer(config, data)]) if config.uses_student else None
         return teacher, student, False
     from gdfo_ray.distributed import init_ray, make_ray_student_group, make_ray_teacher_pool
 
     started = init_ray(config.pool)
-    teacher = make_ray_teacher_pool(config, data, limiter_actor=limiter_actor)
+    teacher = make_ray_teacher_pool(config, data, limiter_actor=limiter_actor, token=token)
     student = make_ray_student_group(config, data) if config.uses_student else None
     return teacher, student, started
 

@@ -113,7 +113,8 @@ class RayTeacherPool(TeacherPool):
         return ray.get([a.stats.remote() for a in self.teachers])
 
 
-def make_ray_teacher_pool(config: GDFOConfig, data: TaskData, limiter_actor: Any = None) -> RayTeacherPool:
+def make_ray_teacher_pool(config: GDFOConfig, data: TaskData, limiter_actor: Any = None,
+                          token: Optional[str] = None) -> RayTeacherPool:
     """``n_teacher_actors`` actors, each holding a teacher (a local model, or a client of the service).
 
     A service teacher's calls go through one limiter: ``limiter_actor`` if given
@@ -121,9 +122,9 @@ def make_ray_teacher_pool(config: GDFOConfig, data: TaskData, limiter_actor: Any
     ``pool.max_in_flight`` is set.
     """
     p, service = config.pool, config.model.teacher_is_service
-    token = limiter = None
+    limiter = None
     if service:
-        token = os.environ.get(config.service.token_env)
+        token = token or os.environ.get(config.service.token_env)
         if not token:
             raise TeacherError(f"No token for the teacher service {config.model.teacher}: set "
                                f"${config.service.token_env} (service.token_env).")

@@ -200,7 +200,7 @@ class SharedBudget:
         return {"spent": self.spent, "total": self.total}
 
 
-def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = None) -> None:
+def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = None, token: Optional[str] = None) -> None:
     """One trial: the driver on the train batch, reporting the best dev score every generation."""
     import ray
     from ray import tune
@@ -215,7 +215,7 @@ def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = No
     overrides = {**params, "search.eval_every_calls": 1, "output_dir": trial_dir}
     config = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
     data = load_task(config.task, config.seed)
-    teacher, student, _ = _make_pools(config, data, limiter_actor=limiter)
+    teacher, student, _ = _make_pools(config, data, limiter_actor=limiter, token=token)
     try:
         info = teacher.describe()
         space = make_space(config.method, config.prompt, config.seed, info, teacher.embed_tokens)
@@ -254,7 +254,12 @@ def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = No
 def _trainable(settings: TuneSettings, budget: Any, limiter: Any):
     from ray import tune
 
-    trainable = tune.with_parameters(run_trial, base=dict(settings.base), budget=budget, limiter=limiter)
+    config = settings.config
+    # The service's token is read here, where the user set it, and travels to the trials (never into a file).
+    token = os.environ.get(config.service.token_env) if config.model.teacher_is_service else None
+    if config.model.teacher_is_service and not token:
+        raise GDFOError(f"No token for the teacher service {config.model.teacher}: set ${config.service.token_env}.")
+    trainable = tune.with_parameters(run_trial, base=dict(settings.base), budget=budget, limiter=limiter, token=token)
     bundles = trial_bundles(settings.config, settings.trial_cpus, settings.trial_gpus)
     return tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
 
@@ -382,7 +387,8 @@ def _summarize(settings: TuneSettings, grid, say: Callable[[str], None]) -> Tune
     if not ok:
         raise GDFOError(f"No trial of {settings.experiment_dir} reported a dev score; see the trials' errors in "
                         f"{trials_path}.")
-    best = max(ok, key=lambda r: (r[METRIC], -(r[TIME_ATTR] or 0)))
+    # Ties (a small dev set has few distinct scores) go to the cheaper trial, then to the first trial id.
+    best = min(ok, key=lambda r: (-r[METRIC], r[TIME_ATTR] or 0, str(r["trial_id"])))
     params = json.loads(best["params_json"])
     config = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(dict(settings.base)), params)).to_dict()
     config["output_dir"] = None

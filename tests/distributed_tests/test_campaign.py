@@ -1,0 +1,123 @@
+"""gdfo bench / gdfo report: cells as Ray tasks, the Parquet dataset, skip-finished resume, failures, the report."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gdfo_ray import ConfigError
+from gdfo_ray.campaign import CampaignConfig, cell_path, plan, read_results, run_campaign
+from gdfo_ray.report import build_report
+
+pytestmark = pytest.mark.ray
+
+ROWS = [("the movie was very good", 1), ("it was very bad", 0), ("the plot was fun", 1), ("the acting was dull", 0),
+        ("the story was great", 1), ("it was awful", 0), ("the film was fine", 1), ("the plot was not good", 0)]
+
+
+@pytest.fixture(scope="module")
+def campaign_data(tmp_path_factory):
+    """sst2 with splits 13 and 42; yelp_polarity with 42 and 87 only (seed 13 must borrow split 87)."""
+    root = tmp_path_factory.mktemp("campaign_data")
+    for task, seeds in (("sst2", (13, 42)), ("yelp_polarity", (42, 87))):
+        for seed in seeds:
+            folder = root / task / "16-shot" / str(seed)
+            folder.mkdir(parents=True)
+            for split, offset in (("train", 0), ("dev", 1)):
+                rows = [ROWS[(i + offset + seed) % len(ROWS)] for i in range(8)]
+                (folder / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in rows))
+        (root / task / "test.jsonl").write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in ROWS))
+    return str(root)
+
+
+def _campaign(tmp, tiny_models, data_dir, **overrides):
+    base = {"model": {"teacher": tiny_models["causal"], "student": tiny_models["encoder"], "dtype": "float32"},
+            "task": {"data_dir": data_dir}, "prompt": {"intrinsic_dim": 4, "n_prompt_tokens": 2},
+            "search": {"popsize": 4, "eval_every_calls": 4},
+            "student": {"k_steps": 1, "batch_rows": 8, "precision": "float32"}}
+    settings = dict(results_dir=str(tmp), tasks=("sst2", "yelp_polarity"), seeds=(13, 42), methods=("manual", "bbt"),
+                    budget=8, base=base, cell_cpus=1)
+    settings.update(overrides)
+    return CampaignConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def finished(local_ray, tiny_models, campaign_data, tmp_path_factory):
+    results = tmp_path_factory.mktemp("campaign")
+    campaign = _campaign(results, tiny_models, campaign_data)
+    lines = []
+    outcome = run_campaign(campaign, say=lines.append)
+    return campaign, outcome, lines
+
+
+def test_every_cell_lands_in_the_partitioned_dataset_with_its_config(finished):
+    campaign, outcome, lines = finished
+    assert not outcome.failed and len(outcome.finished) == 8 and not outcome.skipped
+    rows = read_results(campaign.results_dir)
+    assert sorted((r["task"], r["method"], r["seed"]) for r in rows) == sorted(
+        (t, m, s) for t in campaign.tasks for m in campaign.methods for s in campaign.seeds)
+    for r in rows:
+        config = json.loads(r["config_json"])
+        assert (config["task"]["name"], config["method"], config["seed"]) == (r["task"], r["method"], r["seed"])
+        assert r["calls"] == (8 if r["method"] == "bbt" else 0)
+        assert json.loads(r["versions_json"])["torch"] and r["wall_s"] > 0
+    split = {(r["task"], r["seed"]): r["split_seed"] for r in rows}
+    assert split == {("sst2", 13): 13, ("sst2", 42): 42, ("yelp_polarity", 13): 87, ("yelp_polarity", 42): 42}
+    curves = read_results(campaign.results_dir, "curves")
+    assert {(c["task"], c["method"]) for c in curves} == {("sst2", "bbt"), ("yelp_polarity", "bbt")}
+    assert any("8/8" in line for line in lines)  # progress names each finished cell
+
+
+def test_a_rerun_skips_finished_cells_and_redoes_only_missing_ones(finished):
+    campaign, _, _ = finished
+    again = run_campaign(campaign, say=lambda _: None)
+    assert len(again.skipped) == 8 and not again.finished
+    before = {(r["task"], r["method"], r["seed"]): r["test_score"] for r in read_results(campaign.results_dir)}
+    cell = next(c for c in plan(campaign) if c.task == "sst2" and c.method == "bbt" and c.seed == 42)
+    os.remove(cell_path(campaign.results_dir, "cells", cell))  # as if killed before the cell was recorded
+    third = run_campaign(campaign, say=lambda _: None)
+    assert [r["seed"] for r in third.finished] == [42] and len(third.skipped) == 7
+    assert third.finished[0]["resumed"]  # continued from the cell's checkpoint, not started over
+    after = {(r["task"], r["method"], r["seed"]): r["test_score"] for r in read_results(campaign.results_dir)}
+    assert after == before
+
+
+def test_a_finished_cell_with_another_config_is_refused(finished, tiny_models, campaign_data):
+    campaign, _, _ = finished
+    changed = _campaign(campaign.results_dir, tiny_models, campaign_data, budget=12)
+    with pytest.raises(ConfigError, match=r"search.budget_calls"):
+        run_campaign(changed, say=lambda _: None)
+
+
+def test_a_failing_cell_is_recorded_and_the_others_finish(local_ray, tiny_models, campaign_data, tmp_path):
+    campaign = _campaign(tmp_path, tiny_models, campaign_data, tasks=("sst2", "no_such_task"), seeds=(42,),
+                         methods=("manual",))
+    outcome = run_campaign(campaign, say=lambda _: None)
+    assert [r["task"] for r in outcome.finished] == ["sst2"]
+    assert list(outcome.failed) == ["no_such_task_manual_seed42"]
+    assert "no_such_task" in outcome.failed["no_such_task_manual_seed42"]
+    with open(tmp_path / "failed" / "no_such_task_manual_seed42.json") as f:
+        assert json.load(f)["config"]["task"]["name"] == "no_such_task"
+
+
+def test_split_seeds_match_refuses_a_missing_split(tiny_models, campaign_data, tmp_path):
+    campaign = _campaign(tmp_path, tiny_models, campaign_data, split_seeds="match")
+    with pytest.raises(ConfigError, match=r"yelp_polarity.*no few-shot split for seed 13.*\[42, 87\]"):
+        plan(campaign)
+
+
+def test_report_table_and_plots(finished, tmp_path):
+    campaign, _, _ = finished
+    path = build_report(campaign.results_dir, str(tmp_path))
+    text = open(path).read()
+    rows = read_results(campaign.results_dir)
+    scores = [r["test_score"] for r in rows if r["task"] == "sst2" and r["method"] == "bbt"]
+    expected = f"{100 * np.mean(scores):.2f} ± {100 * np.std(scores, ddof=1):.2f}"
+    bbt_line = next(line for line in text.splitlines() if line.startswith("| bbt |"))
+    assert expected in bbt_line
+    assert "| method | SST-2 | Yelp P. | Avg. |" in text
+    for task in ("sst2", "yelp_polarity"):
+        with open(tmp_path / f"dev_{task}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert f"(dev_{task}.png)" in text
