@@ -33,6 +33,10 @@ from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides, deep_merge
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 SPLIT_SEED_MODES = ("match", "auto")
+# Campaign methods beyond the config's: gdfo's random-direction control, which METHOD.md asks every
+# comparison to show beside gdfo (the same step length in a direction unrelated to the student).
+VARIANTS = {"gdfo_random": ("gdfo", {"harmonize.control": "random"})}
+CAMPAIGN_METHODS = METHODS + tuple(VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,9 @@ class CampaignConfig:
             if len(set(value)) != len(value):
                 raise ConfigError(f"bench: {name} has repeated entries: {list(value)}.")
             object.__setattr__(self, name, value)
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in CAMPAIGN_METHODS]
         if bad:
-            raise ConfigError(f"bench: methods {bad} are unknown; allowed: {list(METHODS)}.")
+            raise ConfigError(f"bench: methods {bad} are unknown; allowed: {list(CAMPAIGN_METHODS)}.")
         if self.split_seeds not in SPLIT_SEED_MODES:
             raise ConfigError(f"bench: split_seeds must be one of {list(SPLIT_SEED_MODES)}, got {self.split_seeds!r}.")
         if self.cell_cpus <= 0 or self.cell_gpus < 0:
@@ -116,7 +120,8 @@ def plan(campaign: CampaignConfig) -> list[Cell]:
     for task, method in itertools.product(campaign.tasks, campaign.methods):
         assigned: dict[int, int] = {}
         for seed in campaign.seeds:
-            overrides = {"task.name": task, "seed": int(seed), "method": method,
+            config_method, extra = VARIANTS.get(method, (method, {}))
+            overrides = {**extra, "task.name": task, "seed": int(seed), "method": config_method,
                          "output_dir": os.path.join(campaign.results_dir, "runs", f"{task}_{method}_seed{seed}"),
                          "pool.backend": "local", "pool.torch_threads": max(1, int(campaign.cell_cpus))}
             if campaign.budget is not None:
@@ -215,6 +220,8 @@ def _cell_row(cell: Cell, out: dict) -> dict:
         "budget": cell.config.search.budget_calls, "calls": int(s["calls"]), "dev_calls": int(s["dev_calls"]),
         "generations": int(s["generations"]), "wall_s": float(out["finished"] - out["started"]),
         "run_wall_s": float(s.get("wall_s", 0.0)), "s_per_call": s.get("s_per_call"),
+        **{key: float(sum(r.get(key, 0.0) for r in out["history"]))
+           for key in ("teacher_s", "student_s", "optimizer_s", "eval_s")},
         "teacher": cell.config.model.teacher, "student": cell.config.model.student,
         "teacher_dtype": s.get("teacher_info", {}).get("dtype"), "resumed": bool(out["resumed"]),
         "host": out["host"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(out["finished"])),
@@ -335,7 +342,9 @@ def _record_failure(results_dir: str, cell: Cell, error: Exception) -> str:
 
 def read_results(results_dir: str, kind: str = "cells") -> list[dict]:
     """The rows of a campaign's ``cells`` or ``curves`` dataset, partition columns included."""
+    import pyarrow as pa
     import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
     path = os.path.join(results_dir, kind)
     if not os.path.isdir(path):
@@ -343,8 +352,11 @@ def read_results(results_dir: str, kind: str = "cells") -> list[dict]:
     files = [os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(".parquet")]
     if not files:
         return []
-    dataset = ds.dataset(files, format="parquet", partitioning=ds.partitioning(flavor="hive"),
-                         partition_base_dir=path)
+    # Cells written by different versions may differ in columns: read them all under the union of the schemas.
+    keys = pa.schema([("task", pa.string()), ("method", pa.string())])
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files] + [keys])
+    dataset = ds.dataset(files, schema=schema, format="parquet", partition_base_dir=path,
+                         partitioning=ds.partitioning(keys, flavor="hive"))
     return dataset.to_table().to_pylist()
 
 

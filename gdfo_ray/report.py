@@ -22,7 +22,7 @@ from gdfo_ray.exceptions import GDFOError
 TASK_ORDER = ("sst2", "yelp_polarity", "ag_news", "dbpedia", "mrpc", "snli", "rte")
 TASK_TITLES = {"sst2": "SST-2", "yelp_polarity": "Yelp P.", "ag_news": "AG News", "dbpedia": "DBPedia",
                "mrpc": "MRPC", "snli": "SNLI", "rte": "RTE"}
-METHOD_ORDER = ("manual", "bbt", "bbtv2", "kd", "gdfo", "white_box")
+METHOD_ORDER = ("manual", "bbt", "bbtv2", "kd", "gdfo", "gdfo_random", "white_box")
 
 
 def _ordered(values: Sequence[str], order: Sequence[str]) -> list:
@@ -118,7 +118,8 @@ def plot_curves(rows: list[dict], curves: list[dict], out_dir: str) -> list[str]
             # Each seed's best-so-far as a step function on the common grid of call counts.
             ys = np.asarray([[y[np.searchsorted(c, g, side="right") - 1] if g >= c[0] else np.nan for g in grid]
                              for c, y in runs])
-            line, = ax.plot(grid, 100 * np.nanmean(ys, axis=0), drawstyle="steps-post", label=method)
+            line, = ax.plot(grid, 100 * np.nanmean(ys, axis=0), drawstyle="steps-post", marker="o", markersize=3,
+                            label=method)
             ax.fill_between(grid, 100 * np.nanmin(ys, axis=0), 100 * np.nanmax(ys, axis=0), step="post",
                             alpha=0.15, color=line.get_color())
         if manual.get(task):

@@ -121,3 +121,14 @@ def test_report_table_and_plots(finished, tmp_path):
         with open(tmp_path / f"dev_{task}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert f"(dev_{task}.png)" in text
+
+
+def test_gdfo_random_is_gdfo_with_the_random_direction_control(tiny_models, campaign_data, tmp_path):
+    campaign = _campaign(tmp_path, tiny_models, campaign_data, methods=("gdfo", "gdfo_random"), seeds=(42,),
+                         tasks=("sst2",))
+    gdfo, control = plan(campaign)
+    assert (gdfo.method, gdfo.config.method, gdfo.config.harmonize.control) == ("gdfo", "gdfo", "none")
+    assert (control.method, control.config.method, control.config.harmonize.control) == ("gdfo_random", "gdfo", "random")
+    assert control.config.output_dir.endswith("sst2_gdfo_random_seed42")
+    with pytest.raises(ConfigError, match="methods \\['gdfo_rand'\\] are unknown"):
+        _campaign(tmp_path, tiny_models, campaign_data, methods=("gdfo_rand",))
