@@ -1,9 +1,10 @@
 """Compare manual, bbt, kd, gdfo (and gdfo's random-direction control) at one budget.
 
-Prints, per task and method, the test score (mean and spread over seeds), the
-calls gdfo needed to reach bbt's final dev score, and the wall time per API call.
-Each finished run is appended to ``<out>/runs.jsonl``; a rerun skips finished runs,
-so an interrupted comparison resumes. Example::
+A small campaign (``gdfo bench`` underneath: a Parquet dataset, finished cells
+skipped on rerun) with the comparison's own settings, then two tables: the
+report's test scores (mean ± std over seeds), and gdfo's diagnostics per task:
+the calls gdfo needed to reach bbt's final dev score, rho, the student's
+fidelity and test score, and the wall time per API call. Example::
 
     GDFO_DATA_DIR=../shared/data python benchmarks/compare_methods.py --budget 40
 """
@@ -12,42 +13,51 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
+from collections import defaultdict
 
 import numpy as np
 
-from gdfo_ray import GDFOConfig
-from gdfo_ray.api import run
+from gdfo_ray.campaign import CampaignConfig, read_results, run_campaign
+from gdfo_ray.cli import parse_sets
+from gdfo_ray.config import GDFOConfig, apply_overrides, deep_merge
+from gdfo_ray.report import score_table
 
 METHODS = ("manual", "bbt", "kd", "gdfo", "gdfo_random")
 
 
-def config_for(task: str, seed: int, method: str, args: argparse.Namespace) -> GDFOConfig:
-    import yaml
-
-    base = method.replace("_random", "")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    return GDFOConfig.from_dict({
-        "method": base, "seed": seed,
-        "output_dir": os.path.join(args.out, f"{task}_{method}_seed{seed}"),
-        "task": {"name": task, "max_test_examples": args.max_test, "max_text_tokens": args.max_text_tokens},
-        "search": {"budget_calls": args.budget, "popsize": args.popsize, "eval_every_calls": args.popsize},
-        "student": {"k_steps": args.k_steps},
-        "harmonize": {"control": "random" if method.endswith("_random") else "none"},
-        "pool": {"backend": args.backend},
-    }).with_overrides(overrides)
-
-
-def calls_to_reach(history: list, target: float) -> float:
-    for row in history:
+def calls_to_reach(curve: list, target: float) -> float:
+    for row in sorted(curve, key=lambda r: r["calls"]):
         if row.get("dev_score") is not None and row["dev_score"] >= target:
             return row["calls"]
     return float("nan")
+
+
+def diagnostics(cells: list, curves: list) -> str:
+    """gdfo's own numbers, per task and method: what the score table does not show."""
+    curve = defaultdict(list)
+    for c in curves:
+        curve[(c["task"], c["method"], c["seed"])].append(c)
+    bbt_dev = {(r["task"], r["seed"]): r["dev_best"] for r in cells if r["method"] == "bbt"}
+    lines = ["| task | method | calls to bbt's dev | rho | fidelity | student test | s/call |", "|---|---|---|---|---|---|---|"]
+    groups = defaultdict(list)
+    for r in cells:
+        if r["method"] != "manual":
+            groups[(r["task"], r["method"])].append(r)
+    for (task, method), rows in sorted(groups.items()):
+        summaries = [json.loads(r["summary_json"]) for r in rows]
+        reach = [calls_to_reach(curve[(task, method, r["seed"])], bbt_dev[(task, r["seed"])])
+                 for r in rows if bbt_dev.get((task, r["seed"])) is not None] if method.startswith(("gdfo", "kd")) else []
+
+        def mean(key):
+            values = [s[key] for s in summaries if s.get(key) is not None]
+            return f"{np.mean(values):.3f}" if values else "-"
+
+        student = [s["test"]["student"] for s in summaries if "student" in s["test"]]
+        lines.append(f"| {task} | {method} | {', '.join('never' if np.isnan(x) else str(int(x)) for x in reach) or '-'} "
+                     f"| {mean('mean_rho')} | {mean('median_fidelity')} | "
+                     f"{f'{np.mean(student):.3f}' if student else '-'} | {mean('s_per_call')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -60,73 +70,24 @@ def main(argv=None) -> int:
     p.add_argument("--k-steps", type=int, default=10)
     p.add_argument("--max-test", type=int, default=200, help="seeded test subsample per task")
     p.add_argument("--max-text-tokens", type=int, default=64)
-    p.add_argument("--backend", default="local", choices=("local", "ray"))
-    p.add_argument("--out", default="runs/compare_methods")
+    p.add_argument("--out", default="runs/compare_methods", help="the campaign directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run, e.g. --set model.dtype=bfloat16 (repeatable)")
-    p.add_argument("--label", default="", help="a name for the settings, printed above the table")
+    p.add_argument("--label", default="", help="a name for the settings, printed above the tables")
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "runs.jsonl")
-    done = {}
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            for line in f:
-                rec = json.loads(line)
-                done[(rec["task"], rec["seed"], rec["method"])] = rec
-    for seed in args.seeds:  # seed-major: a cut-short comparison still covers every method
-        for task in args.tasks:
-            for method in args.methods:
-                if (task, seed, method) in done:
-                    continue
-                t0 = time.time()
-                result = run(config_for(task, seed, method, args), overwrite=True,
-                             progress=lambda line: print(f"  [{task} {method} {seed}] {line}", file=sys.stderr))
-                rec = {"task": task, "seed": seed, "method": method, "test": result.summary["test"],
-                       "dev_best": result.summary["dev_best"], "calls": result.summary["calls"],
-                       "s_per_call": result.summary["s_per_call"], "wall_s": time.time() - t0,
-                       "mean_rho": result.summary["mean_rho"], "median_fidelity": result.summary["median_fidelity"],
-                       "dev_curve": [(r["calls"], r.get("dev_score")) for r in result.history]}
-                done[(task, seed, method)] = rec
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-    print(report(done, args))
-    return 0
-
-
-def report(done: dict, args: argparse.Namespace) -> str:
-    lines = [f"{args.label + ': ' if args.label else ''}budget {args.budget} calls, popsize {args.popsize}, "
-             f"K {args.k_steps}, test subsample {args.max_test}, teacher SmolLM2-135M-Instruct, student "
-             f"all-MiniLM-L6-v2, overrides {args.set or 'none'}", "",
-             "| task | method | seeds | test (mean ± std) | dev best | calls to bbt's dev | s/call | rho | fidelity |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for task in args.tasks:
-        for method in args.methods:
-            recs = [done[(task, s, method)] for s in args.seeds if (task, s, method) in done]
-            if not recs:
-                continue
-            scores = [r["test"]["teacher_tuned"] for r in recs]
-            reach = []
-            if method.startswith("gdfo"):
-                for r in recs:
-                    bbt = done.get((task, r["seed"], "bbt"))
-                    if bbt and bbt["dev_best"] is not None:
-                        reach.append(calls_to_reach([{"calls": c, "dev_score": d} for c, d in r["dev_curve"]],
-                                                    bbt["dev_best"]))
-            per_call = [r["s_per_call"] for r in recs if r["s_per_call"]]
-            fmt = lambda xs: f"{np.nanmean(xs):.3f}" if xs and not all(x is None for x in xs) else "-"
-            rho = [r["mean_rho"] for r in recs if r["mean_rho"] is not None]
-            fid = [r["median_fidelity"] for r in recs if r["median_fidelity"] is not None]
-            lines.append(
-                f"| {task} | {method} | {len(recs)} | {np.mean(scores):.3f} ± {np.std(scores):.3f} | "
-                f"{fmt([r['dev_best'] for r in recs if r['dev_best'] is not None])} | "
-                f"{', '.join('never' if np.isnan(x) else str(int(x)) for x in reach) or '-'} | "
-                f"{fmt(per_call)} | {fmt(rho)} | {fmt(fid)} |")
-        student = [done[(task, s, "gdfo")]["test"].get("student") for s in args.seeds if (task, s, "gdfo") in done]
-        if student:
-            lines.append(f"| {task} | gdfo's student | {len(student)} | {np.mean(student):.3f} ± {np.std(student):.3f} "
-                         "| - | - | - | - | - |")
-    return "\n".join(lines)
+    base = apply_overrides(deep_merge(GDFOConfig().to_dict(), {}), {
+        "task.max_test_examples": args.max_test, "task.max_text_tokens": args.max_text_tokens,
+        "search.popsize": args.popsize, "search.eval_every_calls": args.popsize, "student.k_steps": args.k_steps,
+        **parse_sets(args.set)})
+    campaign = CampaignConfig(args.out, tuple(args.tasks), tuple(args.seeds), tuple(args.methods), budget=args.budget,
+                              base=base)
+    outcome = run_campaign(campaign, say=lambda line: print(line, file=sys.stderr, flush=True))
+    cells = [r for r in read_results(args.out) if r["task"] in args.tasks and r["method"] in args.methods]
+    print(f"{args.label + ': ' if args.label else ''}budget {args.budget} calls, popsize {args.popsize}, "
+          f"K {args.k_steps}, test subsample {args.max_test}, overrides {args.set or 'none'}\n")
+    print(score_table(cells) + "\n")
+    print(diagnostics(cells, read_results(args.out, "curves")))
+    return 1 if outcome.failed else 0
 
 
 if __name__ == "__main__":
