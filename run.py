@@ -1,6 +1,7 @@
 """Entry point for ``ray submit cluster/config.yaml run.py`` and ``ray job submit ... -- python run.py``.
 
-Arguments are those of ``gdfo run``; with none, it runs the embedded defaults.
+Arguments are those of ``gdfo run``; with none, it runs the embedded defaults. A first
+argument ``tune``, ``bench`` or ``report`` runs that command instead (``run.py bench --tasks ...``).
 """
 
 import sys
@@ -8,4 +9,5 @@ import sys
 from gdfo_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    sys.exit(main(args if args[:1] in (["tune"], ["bench"], ["report"], ["run"]) else ["run", *args]))

@@ -51,3 +51,22 @@ def test_run_py_is_the_gdfo_run_entry_point():
     script = os.path.join(os.path.dirname(__file__), "..", "run.py")
     out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--resume" in out.stdout and "--budget" in out.stdout
+
+
+def test_run_py_also_starts_campaigns_sweeps_and_reports():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "run.py")
+    for command, flag in (("bench", "--split-seeds"), ("tune", "--samples"), ("report", "--out")):
+        out = subprocess.run([sys.executable, script, command, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and flag in out.stdout, out.stderr
+
+
+def test_bench_and_report_errors_name_the_problem(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no cells/ dataset" in capsys.readouterr().err
+    assert main(["bench", "--tasks", "sst2", "--seeds", "x", "--methods", "bbt", "--results", str(tmp_path)]) == 1
+    assert "seeds must be integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--tasks", "sst2", "--seeds", "1", "--methods", "bbtv3"])
+    assert "invalid choice: 'bbtv3'" in capsys.readouterr().err
