@@ -376,7 +376,9 @@ def _summarize(settings: TuneSettings, grid, say: Callable[[str], None]) -> Tune
         metrics = result.metrics or {}
         params = {k: v for k, v in (result.config or {}).items()}
         rows.append({
-            "trial_id": metrics.get("trial_id"), "status": "ERROR" if result.error else "TERMINATED",
+            # FINISHED: spent its budget; STOPPED: by ASHA or the sweep's shared budget.
+            "trial_id": metrics.get("trial_id"),
+            "status": "ERROR" if result.error else ("FINISHED" if metrics.get("done") else "STOPPED"),
             METRIC: metrics.get(METRIC), TIME_ATTR: metrics.get(TIME_ATTR), "dev_calls": metrics.get("dev_calls"),
             "generation": metrics.get("generation"), "error": None if result.error is None else str(result.error),
             "params_json": json.dumps(params), **{f"param:{k}": v for k, v in params.items()},

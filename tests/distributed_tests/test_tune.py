@@ -134,9 +134,10 @@ def test_an_interrupted_sweep_resumes_to_the_end(tiny_models, tiny_data_dir, tmp
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
+    assert len(list(experiment.glob("trial_*"))) < 4  # interrupted before the sweep ended
     resumed = subprocess.run(command("--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
     trials = pq.read_table(experiment / "trials.parquet").to_pylist()
-    assert len(trials) == 4 and all(t["status"] == "TERMINATED" and t["error"] is None for t in trials)
+    assert len(trials) == 4 and all(t["status"] in ("FINISHED", "STOPPED") and t["error"] is None for t in trials)
     assert all(t["calls"] > 0 for t in trials)
