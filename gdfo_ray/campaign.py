@@ -224,10 +224,14 @@ def _cell_row(cell: Cell, out: dict) -> dict:
            for key in ("teacher_s", "student_s", "optimizer_s", "eval_s")},
         "teacher": cell.config.model.teacher, "student": cell.config.model.student,
         "teacher_dtype": s.get("teacher_info", {}).get("dtype"), "resumed": bool(out["resumed"]),
-        "host": out["host"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(out["finished"])),
+        "host": out["host"], "started_at": _utc(out["started"]), "finished_at": _utc(out["finished"]),
         "config_json": json.dumps(cell.config.to_dict()), "versions_json": json.dumps(out["versions"]),
         "summary_json": json.dumps(s, default=float),
     }
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _write_parquet(path: str, table) -> None:
@@ -267,7 +271,7 @@ def _write_campaign_file(campaign: CampaignConfig) -> None:
     if os.path.exists(path):  # a campaign directory may grow (more methods, seeds); keep what came before
         with open(path) as f:
             runs = (yaml.safe_load(f) or {}).get("invocations", [])
-    runs.append({**data, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    runs.append({**data, "at": _utc(time.time())})
     with open(path + ".tmp", "w") as f:
         yaml.safe_dump({"invocations": runs}, f, sort_keys=False)
     os.replace(path + ".tmp", path)

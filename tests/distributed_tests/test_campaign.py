@@ -67,6 +67,9 @@ def test_every_cell_lands_in_the_partitioned_dataset_with_its_config(finished):
     curves = read_results(campaign.results_dir, "curves")
     assert {(c["task"], c["method"]) for c in curves} == {("sst2", "bbt"), ("yelp_polarity", "bbt")}
     assert any("8/8" in line for line in lines)  # progress names each finished cell
+    # One CPU per cell on a 2-CPU Ray: cells ran side by side.
+    spans = sorted((r["started_at"], r["finished_at"]) for r in rows)
+    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
 
 
 def test_a_rerun_skips_finished_cells_and_redoes_only_missing_ones(finished):
