@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from gdfo_ray.config import GDFOConfig
-from gdfo_ray.driver import Driver, DriverState
+from gdfo_ray.driver import Driver
 from gdfo_ray.exceptions import ResumeError
 from gdfo_ray.losses import metric
 from gdfo_ray.prompt import make_space, save_prompt
