@@ -141,3 +141,17 @@ def test_an_interrupted_sweep_resumes_to_the_end(tiny_models, tiny_data_dir, tmp
     trials = pq.read_table(experiment / "trials.parquet").to_pylist()
     assert len(trials) == 4 and all(t["status"] in ("FINISHED", "STOPPED") and t["error"] is None for t in trials)
     assert all(t["calls"] > 0 for t in trials)
+
+
+def test_trial_actors_run_inside_the_trials_placement_group(local_ray, tiny_models, tiny_data_dir, tmp_path):
+    """Two trials, each reserving the whole 2-CPU cluster (itself + its teacher actor): an actor placed
+    outside its trial's placement group would find no CPU left and the sweep would never end."""
+    settings = _settings(tmp_path, tiny_models, tiny_data_dir, tiny_models["causal"])
+    base = GDFOConfig.from_dict(settings.base).with_overrides({"pool.backend": "ray", "pool.teacher_num_cpus": 1.0,
+                                                               "pool.calls_per_s": None, "pool.max_in_flight": None})
+    sweep = TuneSettings(base.to_dict(), space=settings.space, num_samples=2, storage_dir=str(tmp_path),
+                         name="pg", trial_cpus=1)
+    assert trial_bundles(sweep.config, 1, 0) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    result = tune_run(sweep, say=lambda _: None)
+    trials = pq.read_table(result.trials_path).to_pylist()
+    assert len(trials) == 2 and all(t["error"] is None and t["calls"] > 0 for t in trials)
