@@ -204,7 +204,8 @@ class _Tune(_BaseCommand):
                             "replacing the method's default space")
         parser.add_argument("--name", default="gdfo_tune", help="experiment name")
         parser.add_argument("--storage", default="tune_results", help="where experiments are kept")
-        parser.add_argument("--resume", action="store_true", help="continue the experiment --name (Tuner.restore)")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the experiment --name in --storage with its saved settings (Tuner.restore)")
         parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
         parser.add_argument("--grace-calls", type=int, help="calls before ASHA may stop a trial (default budget/4)")
         parser.add_argument("--reduction-factor", type=int, default=3)
@@ -216,6 +217,12 @@ class _Tune(_BaseCommand):
     def take_action(self, args: argparse.Namespace) -> int:
         from gdfo_ray.tune import TuneSettings, tune_run
 
+        def say(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        if args.resume:  # the sweep's own settings, whatever the other flags say
+            tune_run(TuneSettings.load(args.storage, args.name), resume=True, say=say)
+            return 0
         base = read_config_file(args.config) if args.config else {}
         overrides = {"pool.backend": "local"}  # trials run their pools in-process unless --set says otherwise
         flags = {"task": "task.name", "method": "method", "teacher": "model.teacher", "budget": "search.budget_calls",
@@ -228,7 +235,7 @@ class _Tune(_BaseCommand):
                                 max_concurrent=args.max_concurrent, grace_calls=args.grace_calls,
                                 reduction_factor=args.reduction_factor, total_calls=args.total_calls,
                                 trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus, seed=args.search_seed)
-        tune_run(settings, resume=args.resume, say=lambda line: print(line, file=sys.stderr, flush=True))
+        tune_run(settings, say=say)
         return 0
 
 

@@ -153,6 +153,18 @@ class TuneSettings:
     def config(self) -> GDFOConfig:
         return self._config
 
+    @classmethod
+    def load(cls, storage_dir: str, name: str) -> "TuneSettings":
+        """The settings a sweep was started with (``sweep.yaml``), so that a resume needs only its name."""
+        import yaml
+
+        path = os.path.join(os.path.abspath(storage_dir), name, "sweep.yaml")
+        if not os.path.exists(path):
+            raise GDFOError(f"Nothing to resume: {path} does not exist. Check --storage and --name.")
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+        return cls(storage_dir=storage_dir, name=name, **saved)
+
     @property
     def experiment_dir(self) -> str:
         return os.path.join(self.storage_dir, self.name)

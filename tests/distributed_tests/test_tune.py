@@ -135,7 +135,9 @@ def test_an_interrupted_sweep_resumes_to_the_end(tiny_models, tiny_data_dir, tmp
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert len(list(experiment.glob("trial_*"))) < 4  # interrupted before the sweep ended
-    resumed = subprocess.run(command("--resume"), capture_output=True, text=True, timeout=600)
+    # The sweep's name is enough: its settings come back from sweep.yaml.
+    resume = [sys.executable, "-m", "gdfo_ray.cli", "tune", "--storage", str(tmp_path), "--name", "sweep", "--resume"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
     trials = pq.read_table(experiment / "trials.parquet").to_pylist()
