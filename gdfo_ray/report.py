@@ -9,8 +9,10 @@ per task, the best dev score so far against train calls, one line per method
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
+import time
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -78,9 +80,26 @@ def cost_table(rows: list[dict]) -> str:
                 continue
             calls = np.mean([r["calls"] for r in rs])
             dev = np.mean([r["dev_calls"] for r in rs])
-            cells.append(f"{calls:.0f}+{dev:.0f} calls, {np.mean([r['wall_s'] for r in rs]):.0f} s")
+            # A resumed cell's wall time covers only what ran after the resume: used only when nothing else is.
+            whole = [r["wall_s"] for r in rs if not r.get("resumed")]
+            time_s = f"{np.mean(whole):.0f} s" if whole else f"{np.mean([r['wall_s'] for r in rs]):.0f} s*"
+            cells.append(f"{calls:.0f}+{dev:.0f} calls, {time_s}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def missing_cells(results_dir: str, rows: list[dict]) -> list[str]:
+    """Cells some ``gdfo bench`` invocation asked for that have not finished (cut short, or failed)."""
+    import yaml
+
+    path = os.path.join(results_dir, "campaign.yaml")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        invocations = (yaml.safe_load(f) or {}).get("invocations", [])
+    done = {(r["task"], r["method"], int(r["seed"])) for r in rows}
+    asked = {(t, m, int(s)) for inv in invocations for t in inv["tasks"] for m in inv["methods"] for s in inv["seeds"]}
+    return [f"{t}_{m}_seed{s}" for t, m, s in sorted(asked - done)]
 
 
 def _best_so_far(curve: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +164,9 @@ def _setting(rows: list[dict]) -> str:
         return ", ".join(sorted({str(get(c)) for c in searched}))
 
     seeds = sorted({int(r["seed"]) for r in rows})
+    # Cells record when they finished and how long they ran; the oldest rows have no start time.
+    start = min(calendar.timegm(time.strptime(r["finished_at"], "%Y-%m-%dT%H:%M:%SZ")) - r["wall_s"] for r in rows)
+    end = max(calendar.timegm(time.strptime(r["finished_at"], "%Y-%m-%dT%H:%M:%SZ")) for r in rows)
     return "\n".join([
         f"- teacher (black box): {values(lambda c: c['model']['teacher'])} "
         f"({', '.join(sorted({str(r['teacher_dtype']) for r in rows}))}); "
@@ -155,7 +177,8 @@ def _setting(rows: list[dict]) -> str:
         f"prompt tokens, prompt placement {values(lambda c: c['task']['prompt_placement'])}",
         f"- seeds: {seeds}; test rows per task at most "
         f"{values(lambda c: c['task']['max_test_examples'] or 'all')}",
-        f"- {len(rows)} cells, {sum(r['wall_s'] for r in rows) / 3600:.2f} h of cell time; gdfo-ray "
+        f"- {len(rows)} cells, {sum(r['wall_s'] for r in rows) / 3600:.2f} h of cell time in "
+        f"{(end - start) / 3600:.2f} h of wall-clock time; gdfo-ray "
         f"{versions.get('gdfo_ray')}, torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
         f"ray {versions.get('ray')}",
     ])
@@ -171,6 +194,7 @@ def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:
     plots = plot_curves(rows, curves, out_dir)
     failed_dir = os.path.join(results_dir, "failed")
     failed = sorted(f[:-5] for f in os.listdir(failed_dir)) if os.path.isdir(failed_dir) else []
+    missing = [name for name in missing_cells(results_dir, rows) if name not in failed]
     parts = [
         "# Campaign report", "",
         f"Results: `{os.path.abspath(results_dir)}`", "", _setting(rows), "",
@@ -179,7 +203,8 @@ def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:
         "The average is over tasks, for methods that have all of them.", "",
         score_table(rows), "",
         "## Cost per run (mean over seeds)", "",
-        "Train calls + dev calls, and the wall time of one cell (model loading and test scoring included).", "",
+        "Train calls + dev calls, and the wall time of one cell (model loading and test scoring included; "
+        "* only resumed cells, whose time counts from the resume).", "",
         cost_table(rows), "",
         "## Best dev score against train calls", "",
         *[f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in plots], "",
@@ -187,6 +212,9 @@ def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:
     if failed:
         parts += ["## Failed cells", "", "Errors are in `failed/<cell>.json`; rerun `gdfo bench` to retry: "
                   + ", ".join(failed), ""]
+    if missing:
+        parts += ["## Cells not finished", "", f"Asked for but not run to the end ({len(missing)}); rerunning the "
+                  "same `gdfo bench` command runs them: " + ", ".join(missing), ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(parts))

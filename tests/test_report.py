@@ -24,3 +24,15 @@ def test_score_table_orders_tasks_and_methods_and_averages_complete_rows():
 def test_cost_table_shows_calls_and_time():
     table = cost_table([_row("sst2", "bbt", 1, 0.8, calls=102), _row("sst2", "bbt", 2, 0.9, calls=102)])
     assert "| bbt | 102+2 calls, 3 s |" in table
+
+
+def test_missing_cells_are_those_asked_for_and_not_finished(tmp_path):
+    import yaml
+
+    from gdfo_ray.report import missing_cells
+
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump({"invocations": [
+        {"tasks": ["sst2", "rte"], "methods": ["bbt"], "seeds": [1, 2]},
+        {"tasks": ["sst2"], "methods": ["bbtv2"], "seeds": [1]}]}))
+    rows = [_row("sst2", "bbt", 1, 0.8), _row("sst2", "bbt", 2, 0.8), _row("rte", "bbt", 1, 0.5)]
+    assert missing_cells(str(tmp_path), rows) == ["rte_bbt_seed2", "sst2_bbtv2_seed1"]

@@ -102,6 +102,9 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(local_ray, tiny_models
     assert "no_such_task" in outcome.failed["no_such_task_manual_seed42"]
     with open(tmp_path / "failed" / "no_such_task_manual_seed42.json") as f:
         assert json.load(f)["config"]["task"]["name"] == "no_such_task"
+    report = open(build_report(str(tmp_path))).read()
+    assert "## Failed cells" in report and "no_such_task_manual_seed42" in report
+    assert "## Cells not finished" not in report  # a failed cell is listed once, as failed
 
 
 def test_split_seeds_match_refuses_a_missing_split(tiny_models, campaign_data, tmp_path):
@@ -120,6 +123,7 @@ def test_report_table_and_plots(finished, tmp_path):
     bbt_line = next(line for line in text.splitlines() if line.startswith("| bbt |"))
     assert expected in bbt_line
     assert "| method | SST-2 | Yelp P. | Avg. |" in text
+    assert "## Cells not finished" not in text and "## Failed cells" not in text
     for task in ("sst2", "yelp_polarity"):
         with open(tmp_path / f"dev_{task}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
