@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from gdfo_ray.config import GDFOConfig
+from gdfo_ray.config import GDFOConfig, flatten_config
 from gdfo_ray.driver import Driver
 from gdfo_ray.exceptions import ResumeError
 from gdfo_ray.losses import metric
@@ -84,7 +84,8 @@ def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool)
         checkpoint = pickle.load(f)
     saved = checkpoint["config"]
     current = config.to_dict()
-    differs = sorted(k for k in _flatten(current) if _flatten(saved).get(k) != _flatten(current).get(k)
+    flat_saved, flat_now = flatten_config(saved), flatten_config(current)
+    differs = sorted(k for k in flat_now if flat_saved.get(k) != flat_now.get(k)
                      and k not in ("output_dir",) and not k.startswith(("pool.", "service.")))
     if differs:
         raise ResumeError(
@@ -92,16 +93,6 @@ def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool)
             "the same settings or choose another --output-dir."
         )
     return checkpoint
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "cma_options" and k != "teacher_resources":
-            out.update(_flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _write_history(out: str, history: list, config: GDFOConfig) -> None:

@@ -29,7 +29,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides, deep_merge
+from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 SPLIT_SEED_MODES = ("match", "auto")
@@ -117,7 +117,10 @@ def _available_splits(config: GDFOConfig) -> Optional[list]:
 def plan(campaign: CampaignConfig) -> list[Cell]:
     """Every cell's validated config; a bad value fails here, before any cell runs."""
     cells = []
+    bases = {task: GDFOConfig.from_dict(apply_overrides(_merged_base(campaign.base), {"task.name": task}))
+             for task in campaign.tasks}
     for task, method in itertools.product(campaign.tasks, campaign.methods):
+        base = bases[task]
         assigned: dict[int, int] = {}
         for seed in campaign.seeds:
             config_method, extra = VARIANTS.get(method, (method, {}))
@@ -126,7 +129,6 @@ def plan(campaign: CampaignConfig) -> list[Cell]:
                          "pool.backend": "local", "pool.torch_threads": max(1, int(campaign.cell_cpus))}
             if campaign.budget is not None:
                 overrides["search.budget_calls"] = campaign.budget
-            base = GDFOConfig.from_dict(apply_overrides(_merged_base(campaign.base), {"task.name": task}))
             if base.task.data_dir is None and base.task.resolved_data_dir():
                 overrides["task.data_dir"] = os.path.abspath(base.task.resolved_data_dir())  # for remote workers
             assigned[seed] = _split_seed(campaign, base, task, seed, assigned)
@@ -173,7 +175,7 @@ def _check_finished_config(results_dir: str, cell: Cell) -> None:
     saved = json.loads(pq.read_table(cell_path(results_dir, "cells", cell), columns=["config_json"])[0][0].as_py())
     current = json.loads(json.dumps(cell.config.to_dict()))
     ignore = ("pool.", "service.", "output_dir")
-    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    flat_saved, flat_now = flatten_config(saved), flatten_config(current)
     # A key the saved config lacks came with a later version of gdfo-ray; its default reproduces the old run.
     differs = sorted(k for k in flat_saved if flat_saved[k] != flat_now.get(k) and not k.startswith(ignore))
     if differs:
@@ -181,16 +183,6 @@ def _check_finished_config(results_dir: str, cell: Cell) -> None:
             f"bench: {cell.name} already finished in {results_dir} with a different config ({differs}). "
             "Either rerun with the same settings, or use another results directory."
         )
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and k not in ("cma_options", "teacher_resources"):
-            out.update(_flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def run_cell(config_dict: dict) -> dict:

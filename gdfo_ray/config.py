@@ -509,6 +509,17 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
     return out
 
 
+def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict:
+    """A nested config dict as ``{dotted.key: value}`` (the free-form mappings stay values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and k not in ("cma_options", "teacher_resources"):
+            out.update(flatten_config(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _unknown_key_message(key: str, valid: list) -> str:
     similar = difflib.get_close_matches(key.split(".")[-1], valid, n=3)
     hint = f" Similar valid keys: {similar}." if similar else ""

@@ -21,6 +21,17 @@ if TYPE_CHECKING:
     from gdfo_ray.driver import StepContext
 
 
+def make_es(config: GDFOConfig, seed: int):
+    """A CMA-ES on d dimensions from 0 with sigma0, run until the budget ends it (no stopping rule)."""
+    with warnings.catch_warnings():  # cma warns that its optional plotting backend is missing
+        warnings.filterwarnings("ignore", message="Could not import matplotlib")
+        import cma
+
+    options = {"popsize": config.popsize, "seed": seed, "verbose": -9, "maxiter": 10**9, "tolfun": 0, "tolx": 0,
+               "tolstagnation": 10**9, **config.search.cma_options}
+    return cma.CMAEvolutionStrategy(np.zeros(config.prompt.intrinsic_dim), config.search.sigma0, options)
+
+
 class BaseMethod(abc.ABC):
     name: str = ""
     calls_per_generation: int = 0
@@ -45,16 +56,10 @@ class BBT(BaseMethod):
     name = "bbt"
 
     def __init__(self, config: GDFOConfig):
-        with warnings.catch_warnings():  # cma warns that its optional plotting backend is missing
-            warnings.filterwarnings("ignore", message="Could not import matplotlib")
-            import cma
-
         self.d = config.prompt.intrinsic_dim
         self.calls_per_generation = config.popsize
         # pycma treats seed 0 as "from the clock"; +1 keeps every run seed reproducible.
-        options = {"popsize": config.popsize, "seed": config.seed + 1, "verbose": -9,
-                   "maxiter": 10**9, "tolfun": 0, "tolx": 0, "tolstagnation": 10**9, **config.search.cma_options}
-        self.es = cma.CMAEvolutionStrategy(np.zeros(self.d), config.search.sigma0, options)
+        self.es = make_es(config, config.seed + 1)
 
     def _ask_tell(self, ctx: "StepContext", predict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         with ctx.timed("optimizer_s"):
@@ -88,21 +93,13 @@ class BBTv2(BaseMethod):
     name = "bbtv2"
 
     def __init__(self, config: GDFOConfig, n_layers: int):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Could not import matplotlib")
-            import cma
-
         self.d, self.n_layers = config.prompt.intrinsic_dim, n_layers
         self.calls_per_generation = config.popsize
         self.z = np.zeros(n_layers * self.d)
         self.current_fitness = float("inf")
         self.turn = 0
-        options = {"popsize": config.popsize, "verbose": -9, "maxiter": 10**9, "tolfun": 0, "tolx": 0,
-                   "tolstagnation": 10**9, **config.search.cma_options}
         # One seed per layer, derived from the run seed (+1 as in BBT: pycma reads seed 0 as "from the clock").
-        self.es = [cma.CMAEvolutionStrategy(np.zeros(self.d), config.search.sigma0,
-                                            {**options, "seed": (config.seed + 1) * 1000 + layer})
-                   for layer in range(n_layers)]
+        self.es = [make_es(config, (config.seed + 1) * 1000 + layer) for layer in range(n_layers)]
 
     def step(self, ctx: "StepContext") -> dict:
         layer = self.turn % self.n_layers
