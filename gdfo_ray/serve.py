@@ -413,6 +413,9 @@ def build_app(config: ServeConfig, scorer, token: str):
         except (WireError, ConfigError) as e:
             counts["bad_request"] += 1
             return error(400, str(e))
+        except ConnectionError:  # the client went away mid-request: nobody to answer, nothing billed
+            counts["client_disconnected"] += 1
+            return error(400, "The client closed the connection before its request was read.")
         except Exception as e:  # the service stays up; the client sees what went wrong
             log.exception("request to %s failed", request.path)
             counts["server_error"] += 1
@@ -494,12 +497,39 @@ def build_app(config: ServeConfig, scorer, token: str):
     return app
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0"), is_loopback("::1")
+    (True, True, False, True)
+    """
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def resolve_token(config: ServeConfig) -> tuple[str, bool]:
-    """The token to require, and whether it was generated here (then it must be shown once)."""
+    """The token to require, and whether it was generated here (then it must be shown once).
+
+    A generated token is printed to the terminal, which is fine on loopback only: a service
+    that others can reach must be given its token (``--token`` or ``$GDFO_SERVE_TOKEN``).
+    """
     if config.token:
         return config.token, False
     if os.environ.get(TOKEN_ENV):
+        if len(os.environ[TOKEN_ENV]) < 8:
+            raise ConfigError(f"${TOKEN_ENV} must be at least 8 characters long.")
         return os.environ[TOKEN_ENV], False
+    if not is_loopback(config.host):
+        raise ConfigError(
+            f"Refusing to listen on {config.host!r} without a token: every machine that reaches it could use the "
+            f"model. Set ${TOKEN_ENV} (or pass --token) to a secret of at least 8 characters, or listen on "
+            "127.0.0.1.")
     return secrets.token_urlsafe(24), True
 
 

@@ -205,3 +205,20 @@ def test_a_service_teacher_without_a_token_is_refused_clearly(service, tiny_conf
     monkeypatch.delenv("GDFO_TEACHER_TOKEN", raising=False)
     with pytest.raises(TeacherError, match=r"set \$GDFO_TEACHER_TOKEN"):
         run(tiny_config(output_dir=str(tmp_path / "r"), **{"model.teacher": service.url}), progress=None)
+
+
+def test_the_service_refuses_to_listen_beyond_loopback_without_a_token(monkeypatch):
+    from gdfo_ray.serve import TOKEN_ENV, resolve_token
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    for host in ("0.0.0.0", "::", "10.1.2.3", "myhost.example.com"):
+        with pytest.raises(ConfigError, match="Refusing to listen on .* without a token"):
+            start_in_thread(ServeConfig(simulate_latency_s=0.0, host=host, port=0))
+    assert resolve_token(ServeConfig(simulate_latency_s=0.0, host="127.0.0.1"))[1] is True  # generated, shown once
+    assert resolve_token(ServeConfig(simulate_latency_s=0.0, host="0.0.0.0", token="given-secret")) == (
+        "given-secret", False)
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    with pytest.raises(ConfigError, match="at least 8 characters"):
+        resolve_token(ServeConfig(simulate_latency_s=0.0, host="0.0.0.0"))
+    monkeypatch.setenv(TOKEN_ENV, "env-secret-123")
+    assert resolve_token(ServeConfig(simulate_latency_s=0.0, host="0.0.0.0")) == ("env-secret-123", False)
