@@ -128,6 +128,9 @@ class _Serve(_BaseCommand):
         parser.add_argument("--max-queue", type=int, default=d.max_queue, help="queued calls before 429")
         parser.add_argument("--rate-limit", type=float, help="calls per second accepted (429 above)")
         parser.add_argument("--rate-burst", type=int, default=d.rate_burst)
+        parser.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="largest request body")
+        parser.add_argument("--idempotency-cache", type=int, default=d.idempotency_cache,
+                            help="answers kept for retried calls (by Idempotency-Key)")
         parser.add_argument("--simulate-latency", type=float, dest="simulate_latency_s",
                             help="serve a simulated black box with this latency (s) instead of a model")
         parser.add_argument("--simulate-hidden", type=int, default=d.simulate_hidden,
@@ -138,7 +141,7 @@ class _Serve(_BaseCommand):
 
         fields = ("model", "host", "port", "token", "kind", "dtype", "device", "threads", "max_batch_rows",
                   "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens", "max_queue", "rate_limit",
-                  "rate_burst", "simulate_latency_s", "simulate_hidden")
+                  "rate_burst", "max_body_mb", "idempotency_cache", "simulate_latency_s", "simulate_hidden")
         serve(ServeConfig(**{f: getattr(args, f) for f in fields}),
               say=lambda line: print(line, file=sys.stderr, flush=True))
         return 0

@@ -1,8 +1,8 @@
 """The client side of a black-box service: one HTTP request per call, retried with care.
 
-Retries follow the usual contract of paid APIs: a 429, a 5xx, a timeout or a
-lost connection is retried with exponential backoff and full jitter, never
-sooner than the service's ``Retry-After``; any other 4xx is the caller's fault
+Retries follow the usual contract of paid APIs: a 429 is retried when the
+service's ``Retry-After-Ms`` / ``Retry-After`` says, plus jitter; a 5xx, a timeout
+or a lost connection is retried with exponential backoff and full jitter; any other 4xx is the caller's fault
 and fails at once with the service's message. Every attempt of a call carries the
 same ``Idempotency-Key``, so the service bills it once; the budget is charged
 once by the driver before dispatch, whatever happens here. A call that still
@@ -49,6 +49,21 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
     except (TypeError, ValueError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
+
+
+def retry_after(headers) -> Optional[float]:
+    """The wait a 429/503 asks for: ``Retry-After-Ms`` when given (finer), else ``Retry-After``.
+
+    >>> retry_after({"Retry-After": "1", "Retry-After-Ms": "40"}), retry_after({"Retry-After": "2"})
+    (0.04, 2.0)
+    """
+    ms = headers.get("Retry-After-Ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    return parse_retry_after(headers.get("Retry-After"))
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -98,15 +113,22 @@ class HttpTeacher(BaseTeacher):
             self.stats[key] += 1
 
     def _request(self, method: str, path: str, body: Optional[dict] = None, key: Optional[str] = None) -> dict:
-        """One logical call: attempts until a 200, a non-retryable answer, or the retries run out."""
+        """One logical call: attempts until a 200, a non-retryable answer, or the retries run out.
+
+        A 429 that says when to come back is retried then, plus a jitter of up to the same
+        wait (clients refused together do not return together); these retries are bounded by
+        ``max_retry_after_s`` of waiting in all, not by ``max_retries``, since a saturated
+        limit refuses many times without anything being wrong. Other failures (5xx,
+        timeouts, lost connections, a 429 without a wait) use exponential backoff with full
+        jitter, ``max_retries`` times at most.
+        """
         s = self.settings
         session = self._session()
         headers = {"Idempotency-Key": key} if key else {}
         last = "no attempt made"
         self._count("calls")
-        for attempt in range(s.max_retries + 1):
-            if attempt:
-                self._count("retries")
+        failures, waited = 0, 0.0
+        while True:
             self._count("attempts")
             wait = None
             if self.limiter is not None:
@@ -129,7 +151,7 @@ class HttpTeacher(BaseTeacher):
                             if response.status_code in (401, 403) else "")
                     raise TeacherError(f"{self.url}{path} refused the call ({response.status_code}): {message}.{hint}")
                 last = f"{response.status_code}: {message}"
-                wait = parse_retry_after(response.headers.get("Retry-After"))
+                wait = retry_after(response.headers)
                 if wait is not None and wait > s.max_retry_after_s:
                     self._count("failed")
                     raise TeacherError(
@@ -139,12 +161,26 @@ class HttpTeacher(BaseTeacher):
             finally:
                 if self.limiter is not None:
                     self.limiter.release()
-            if attempt < s.max_retries:
-                delay = backoff_delay(attempt, s.backoff_s, s.backoff_max_s, self._local.rng)
-                time.sleep(max(delay, wait or 0.0))
+            if wait is not None and response.status_code == 429:
+                pause = wait + self._local.rng.uniform(0.0, wait)
+                if waited + pause > s.max_retry_after_s:
+                    self._count("failed")
+                    raise TeacherError(
+                        f"{self.url}{path} kept answering 429 for {waited:.0f} s, more than service.max_retry_after_s="
+                        f"{s.max_retry_after_s:g} of waiting. The service's rate limit is lower than the calls sent: "
+                        "lower pool.calls_per_s, or resume the run later (--resume)."
+                    )
+                waited += pause
+            else:
+                if failures >= s.max_retries:
+                    break
+                pause = max(backoff_delay(failures, s.backoff_s, s.backoff_max_s, self._local.rng), wait or 0.0)
+                failures += 1
+            self._count("retries")
+            time.sleep(pause)
         self._count("failed")
         raise TeacherError(
-            f"{self.url}{path} failed after {s.max_retries + 1} attempts (last: {last}). The call was charged to "
+            f"{self.url}{path} failed after {failures + 1} attempts (last: {last}). The call was charged to "
             "the budget but not scored; the run stops here and --resume repeats the generation."
         )
 

@@ -21,7 +21,7 @@ little-endian; every route but ``/v1/health`` needs ``Authorization: Bearer <tok
 - ``GET /v1/stats``: requests, billed calls, 429s, batches.
 
 A bad request gets a 4xx with ``{"error": {"code", "message"}}``; over the rate
-limit or with a full queue, a 429 with ``Retry-After``.
+limit or with a full queue, a 429 with ``Retry-After`` (whole seconds) and ``Retry-After-Ms``.
 """
 
 from __future__ import annotations
@@ -445,17 +445,20 @@ def build_app(config: ServeConfig, scorer, token: str):
 
     async def score(request):
         counts["requests"] += 1
-        wait = pacer.try_acquire(time.monotonic())
-        if wait > 0:
-            counts["rate_limited"] += 1
-            return error(429, f"Rate limit of {config.rate_limit:g} calls/s exceeded.",
-                         {"Retry-After": str(max(1, math.ceil(wait)))})
-        if getattr(scorer, "queued", 0) >= config.max_queue:
-            counts["queue_full"] += 1
-            return error(429, f"The service has {config.max_queue} calls queued.", {"Retry-After": "1"})
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 0 < len(key) <= 200:
             raise WireError("Idempotency-Key must be 1 to 200 characters.")
+        replay = key is not None and key in answers
+        if not replay:  # a replay is answered from memory: it takes no slot of the rate limit
+            wait = pacer.try_acquire(time.monotonic())
+            if wait > 0:
+                counts["rate_limited"] += 1
+                return error(429, f"Rate limit of {config.rate_limit:g} calls/s exceeded.",
+                             # Retry-After is whole seconds (RFC 9110); Retry-After-Ms says when, to the ms.
+                             {"Retry-After": str(max(1, math.ceil(wait))), "Retry-After-Ms": str(math.ceil(wait * 1000))})
+            if getattr(scorer, "queued", 0) >= config.max_queue:
+                counts["queue_full"] += 1
+                return error(429, f"The service has {config.max_queue} calls queued.", {"Retry-After": "1"})
         req = parse_score_request(await read_json(request), config, info["hidden_size"])
         if key is not None and key in answers:
             counts["replayed"] += 1

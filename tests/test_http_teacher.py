@@ -174,3 +174,18 @@ def test_local_limiter_paces_calls_per_second():
         limiter.acquire()
         limiter.release()
     assert slept == pytest.approx([0.25, 0.5])
+
+
+def test_429s_that_say_when_are_retried_then_beyond_max_retries_with_jitter(client):
+    refusals = [(429, (("Retry-After", "1"), ("Retry-After-Ms", "50")), 0)] * 6
+    teacher, server = client(refusals, max_retries=2)  # six refusals, two retries allowed for other failures
+    assert _query(teacher).shape == (1, 3, 2)
+    gaps = np.diff([t for _, t in server.seen])
+    assert len(gaps) == 6 and all(0.045 <= g <= 0.2 for g in gaps)  # 50 ms, plus up to 50 ms of jitter
+    assert len({round(g, 3) for g in gaps}) > 1
+
+
+def test_429s_beyond_the_total_wait_fail_with_advice(client):
+    teacher, _ = client([(429, (("Retry-After-Ms", "200"),), 0)] * 20, max_retry_after_s=1.0)
+    with pytest.raises(TeacherError, match=r"kept answering 429 .* lower pool.calls_per_s"):
+        _query(teacher)

@@ -222,3 +222,14 @@ def test_the_service_refuses_to_listen_beyond_loopback_without_a_token(monkeypat
         resolve_token(ServeConfig(simulate_latency_s=0.0, host="0.0.0.0"))
     monkeypatch.setenv(TOKEN_ENV, "env-secret-123")
     assert resolve_token(ServeConfig(simulate_latency_s=0.0, host="0.0.0.0")) == ("env-secret-123", False)
+
+
+def test_a_replayed_key_is_answered_from_memory_without_a_rate_limit_slot():
+    with start_in_thread(ServeConfig(simulate_latency_s=0.0, port=0, token=TOKEN, rate_limit=1.0)) as s:
+        first = _post(s, "/v1/score", _body(hidden=64), **{"Idempotency-Key": "k-1"})
+        again = _post(s, "/v1/score", _body(hidden=64), **{"Idempotency-Key": "k-1"})
+        other = _post(s, "/v1/score", _body(hidden=64), **{"Idempotency-Key": "k-2"})
+        stats = s.stats()
+    assert (first.status_code, again.status_code, other.status_code) == (200, 200, 429)
+    assert again.json() == first.json() and stats["billed"] == 1 and stats["replayed"] == 1
+    assert 0 < int(other.headers["Retry-After-Ms"]) <= 1000 and other.headers["Retry-After"] == "1"
