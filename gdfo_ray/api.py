@@ -209,9 +209,10 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[st
                               one_call_per_piece=config.model.teacher_is_service)
         student = StudentGroup([StudentTrainer(config, data)]) if config.uses_student else None
         return teacher, student, False
-    from gdfo_ray.distributed import init_ray, make_ray_student_group, make_ray_teacher_pool
+    from gdfo_ray.distributed import check_pool_fits, init_ray, make_ray_student_group, make_ray_teacher_pool
 
     started = init_ray(config.pool)
+    check_pool_fits(config)
     teacher = make_ray_teacher_pool(config, data, limiter_actor=limiter_actor, token=token)
     student = make_ray_student_group(config, data) if config.uses_student else None
     return teacher, student, started
@@ -221,14 +222,17 @@ def _finish(config, driver: Driver, data, teacher, student, space, out: str, say
     """Test scores of the manual prompt, the tuned prompt and the student; saves prompt and student."""
     s = driver.state
     say(f"[gdfo] scoring on {len(data.test)} test rows")
-    manual, _ = driver.evaluate_prompt(None, "test")
+    manual, _, manual_pred = driver.score_prompt(None, "test")
     if config.method == "manual" and s.best_dev[0] is None and s.budget.dev_calls == 0:
         # The manual prompt's dev score: the baseline a campaign's dev-score plots draw beside the searches.
         s.best_dev = (None, driver.evaluate_prompt(None, "dev")[0], float("inf"))
         s.budget.dev_calls += 1
     z = driver.best_z
-    tuned = manual if z is None else driver.evaluate_prompt(z, "test")[0]
+    tuned, _, tuned_pred = (manual, None, manual_pred) if z is None else driver.score_prompt(z, "test")
     test = {"teacher_manual": manual, "teacher_tuned": tuned}
+    # Per-row answers, so that a campaign can pair methods row by row (gdfo report's bootstrap).
+    np.savez_compressed(os.path.join(out, "test_predictions.npz"), label=np.asarray(data.test.label),
+                        manual=manual_pred.astype(np.int16), tuned=tuned_pred.astype(np.int16))
     if z is not None:
         save_prompt(os.path.join(out, "best_prompt.json"), z, space,
                     {"task": data.spec.name, "teacher": config.model.teacher, "method": config.method,

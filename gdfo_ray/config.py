@@ -270,6 +270,9 @@ class StudentConfig:
             generation's candidates are with the teacher. gdfo's gradient then comes from
             a student one generation behind; it pays where the student and the teacher
             do not share processors (a GPU student, a remote teacher).
+        z_shift: add to the student's logits a class shift linear in z (``z U``, U of d x C),
+            trained with the projection: the part of the teacher's response to z that all
+            examples share, learnt from few candidates.
     """
 
     k_steps: int = 10
@@ -283,6 +286,7 @@ class StudentConfig:
     train_body: bool = False
     overlap_distill: bool = False
     precision: str = "auto"
+    z_shift: bool = False
 
     def __post_init__(self) -> None:
         _check_int("student.k_steps", self.k_steps, 0)
@@ -343,6 +347,9 @@ class PoolConfig:
         rate_burst: calls that may start at once before ``calls_per_s`` paces them.
         max_actor_restarts: how often Ray restarts a dead teacher actor or student worker.
         max_requeries: how often a piece of work lost with its actor is sent again.
+        wait_for_resources_s: how long a run waits for the cluster to hold the CPUs, GPUs and
+            custom resources its actors ask for (an autoscaler adding nodes) before it fails
+            with a message naming what is missing, instead of waiting forever.
     """
 
     backend: str = "ray"
@@ -362,9 +369,11 @@ class PoolConfig:
     rate_burst: int = 1
     max_actor_restarts: int = 3
     max_requeries: int = 3
+    wait_for_resources_s: float = 60.0
 
     def __post_init__(self) -> None:
         _check_choice("pool.backend", self.backend, BACKENDS)
+        _check_positive("pool.wait_for_resources_s", self.wait_for_resources_s, allow_zero=True)
         _check_int("pool.calls_per_actor", self.calls_per_actor, 1)
         if self.calls_per_s is not None:
             _check_positive("pool.calls_per_s", self.calls_per_s)
@@ -392,11 +401,13 @@ class ServiceConfig:
         token_env: environment variable holding the bearer token. The token itself is
             never part of a config, so it never lands in a results directory.
         timeout_s: per-request timeout.
-        max_retries: retries of a call after a 429, a 5xx, a timeout or a lost connection.
+        max_retries: retries of a call after a 5xx, a timeout, a lost connection or a 429
+            that does not say when to come back.
         backoff_s, backoff_max_s: exponential backoff with full jitter: the k-th retry
             waits a uniform time in [0, min(backoff_max_s, backoff_s * 2**k)].
-        max_retry_after_s: the longest ``Retry-After`` honoured; a service asking for
-            more fails the call with a clear error instead of stalling the run.
+        max_retry_after_s: the longest a call waits on 429s that say when to come back
+            (``Retry-After``, ``Retry-After-Ms``), in all; a service asking for more fails the
+            call with a clear error instead of stalling the run.
     """
 
     token_env: str = "GDFO_TEACHER_TOKEN"

@@ -43,6 +43,40 @@ def init_ray(pool: PoolConfig) -> bool:
     return True
 
 
+def actor_request(config: GDFOConfig) -> dict:
+    """The resources the run's actors ask for, summed: teacher-query actors and student workers."""
+    p = config.pool
+    need: dict = collections.Counter()
+    for k, v in {"CPU": p.teacher_num_cpus, "GPU": p.teacher_num_gpus, **p.teacher_resources}.items():
+        need[k] += v * p.n_teacher_actors
+    if config.uses_student:
+        need["CPU"] += p.student_num_cpus * p.n_student_workers
+        need["GPU"] += (student_gpus(p) or 0.0) * p.n_student_workers
+    return {k: v for k, v in need.items() if v}
+
+
+def check_pool_fits(config: GDFOConfig, poll_s: float = 2.0) -> None:
+    """Fail clearly when the cluster cannot hold the run's actors; Ray would leave them pending forever.
+
+    Waits up to ``pool.wait_for_resources_s`` for nodes to join first (an autoscaling cluster).
+    """
+    need = actor_request(config)
+    deadline = time.monotonic() + config.pool.wait_for_resources_s
+    while True:
+        total = ray.cluster_resources()
+        short = {k: v for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            raise GDFOError(
+                f"The run's actors need {need}, but the Ray cluster has {({k: total.get(k, 0.0) for k in need})} in "
+                f"all (waited {config.pool.wait_for_resources_s:.0f} s for more). Lower pool.n_teacher_actors, "
+                "pool.n_student_workers or their pool.*_num_cpus / *_num_gpus / teacher_resources, add nodes, or "
+                "use --backend local."
+            )
+        time.sleep(poll_s)
+
+
 def make_limiter(pool: PoolConfig):
     """The rate limiter actor every teacher of a pool shares (owned by the caller: it lives while held).
 

@@ -290,12 +290,18 @@ class Driver:
 
     def evaluate_prompt(self, z: Optional[np.ndarray], split: str) -> tuple[float, float]:
         """(metric, loss) of a prompt on a whole split; ``z=None`` is the manual prompt (no tokens)."""
+        score, loss, _ = self.score_prompt(z, split)
+        return score, loss
+
+    def score_prompt(self, z: Optional[np.ndarray], split: str) -> tuple[float, float, np.ndarray]:
+        """(metric, loss, predicted class per row) of a prompt on a whole split (one call)."""
         data = self.data.split(split)
         prompts = (np.zeros((1, 0, self.space.spec.hidden_size), np.float32) if z is None
                    else self.space.project(z))
         logits = np.asarray(self.teacher.query(prompts, split, np.arange(len(data))))
         check_logits(logits, (1, len(data), self.data.spec.n_classes))
-        return metric(logits[0], data.label, self.data.spec.metric), float(fitness(logits, data.label, self.loss)[0])
+        return (metric(logits[0], data.label, self.data.spec.metric), float(fitness(logits, data.label, self.loss)[0]),
+                logits[0].argmax(-1))
 
     @property
     def best_z(self) -> Optional[np.ndarray]:
