@@ -29,6 +29,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import numpy as np
+
 from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
@@ -196,8 +198,10 @@ def run_cell(config_dict: dict) -> dict:
     with open(os.path.join(config.output_dir, "log.txt"), "a") as log:
         result = run(config, resume=resume, overwrite=not resume,
                      progress=lambda line: (log.write(line + "\n"), log.flush()))
+    preds = np.load(os.path.join(config.output_dir, "test_predictions.npz"))
     return {"summary": result.summary, "history": result.history, "versions": versions(), "resumed": resume,
-            "started": started, "finished": time.time(), "host": socket.gethostname()}
+            "started": started, "finished": time.time(), "host": socket.gethostname(),
+            "test_pred": preds["tuned"].tolist(), "test_label": preds["label"].tolist()}
 
 
 def _cell_row(cell: Cell, out: dict) -> dict:
@@ -219,6 +223,9 @@ def _cell_row(cell: Cell, out: dict) -> dict:
         "host": out["host"], "started_at": _utc(out["started"]), "finished_at": _utc(out["finished"]),
         "config_json": json.dumps(cell.config.to_dict()), "versions_json": json.dumps(out["versions"]),
         "summary_json": json.dumps(s, default=float),
+        # The tuned prompt's class per test row (the manual prompt's for manual): gdfo report pairs methods on them.
+        "test_pred": out.get("test_pred"), "test_label": out.get("test_label"),
+        "median_fidelity": s.get("median_fidelity"), "mean_rho": s.get("mean_rho"),
     }
 
 

@@ -88,6 +88,192 @@ def cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Which side of a pair is the subject (A in "A − B"): the method listed first here.
+PAIR_PRIORITY = ("gdfo", "gdfo_random", "kd", "bbtv2", "bbt", "white_box", "manual")
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _metric(pred: np.ndarray, label: np.ndarray, name: str) -> np.ndarray:
+    """The metric per row of ``pred``/``label`` arrays ``(..., n)``: accuracy, or F1 with class 1 positive."""
+    if name == "accuracy":
+        return (pred == label).mean(-1)
+    tp = ((pred == 1) & (label == 1)).sum(-1)
+    fp = ((pred == 1) & (label != 1)).sum(-1)
+    fn = ((pred != 1) & (label == 1)).sum(-1)
+    return np.where(tp == 0, 0.0, 2 * tp / np.maximum(2 * tp + fp + fn, 1))
+
+
+def _row_bootstrap(a: np.ndarray, b: np.ndarray, label: np.ndarray, name: str, n: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``n`` resampled differences metric(a) − metric(b) on one test set, both scored on the same rows."""
+    out = np.empty(n)
+    chunk = max(1, 2_000_000 // max(len(label), 1))
+    for start in range(0, n, chunk):
+        idx = rng.integers(0, len(label), size=(min(chunk, n - start), len(label)))
+        out[start:start + len(idx)] = _metric(a[idx], label[idx], name) - _metric(b[idx], label[idx], name)
+    return out
+
+
+def paired_differences(rows: list[dict], a: str, b: str, n_boot: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> Optional[dict]:
+    """Mean paired difference A − B in test score, per task and averaged over tasks, with 95% intervals.
+
+    Cells pair on (task, seed). The interval is a percentile bootstrap that resamples seeds
+    within each task and, within each seed, the test rows (the same rows for A and B), so it
+    covers both the seed-to-seed spread and the finite test set. Cells without per-row
+    predictions (written before they were recorded) resample seeds only.
+    """
+    rng = np.random.default_rng(seed)
+    cells = {(r["task"], int(r["seed"])): r for r in rows if r["method"] == a}
+    others = {(r["task"], int(r["seed"])): r for r in rows if r["method"] == b}
+    shared = sorted(set(cells) & set(others))
+    if not shared:
+        return None
+    tasks = _ordered({t for t, _ in shared}, TASK_ORDER)
+    per_task, boots, rows_resampled = {}, [], True
+    for task in tasks:
+        seeds = [s for t, s in shared if t == task]
+        draws = []  # (seed, n_boot) resampled differences
+        observed = []
+        for s in seeds:
+            ra, rb = cells[(task, s)], others[(task, s)]
+            observed.append(float(ra["test_score"]) - float(rb["test_score"]))
+            if ra.get("test_pred") is not None and rb.get("test_pred") is not None:
+                label = np.asarray(ra["test_label"])
+                draws.append(_row_bootstrap(np.asarray(ra["test_pred"]), np.asarray(rb["test_pred"]), label,
+                                            ra["metric"], n_boot, rng))
+            else:
+                rows_resampled = False
+                draws.append(np.full(n_boot, observed[-1]))
+        draws = np.asarray(draws)
+        pick = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
+        task_boot = draws[pick, np.arange(n_boot)[:, None]].mean(1)
+        boots.append(task_boot)
+        per_task[task] = {"diff": float(np.mean(observed)), "lo": float(np.percentile(task_boot, 2.5)),
+                          "hi": float(np.percentile(task_boot, 97.5)), "seeds": len(seeds)}
+    overall = np.mean(boots, axis=0)
+    diffs = [v["diff"] for v in per_task.values()]
+    return {"a": a, "b": b, "tasks": per_task, "diff": float(np.mean(diffs)),
+            "lo": float(np.percentile(overall, 2.5)), "hi": float(np.percentile(overall, 97.5)),
+            "a_wins": sum(d > 0 for d in diffs), "b_wins": sum(d < 0 for d in diffs),
+            "cells": len(shared), "rows_resampled": rows_resampled}
+
+
+def method_pairs(rows: list[dict]) -> list[tuple[str, str]]:
+    """Every pair of methods present, the one earlier in :data:`PAIR_PRIORITY` first (gdfo vs the rest)."""
+    methods = _ordered({r["method"] for r in rows}, PAIR_PRIORITY)
+    return [(methods[i], methods[j]) for i in range(len(methods)) for j in range(i + 1, len(methods))]
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def paired_table(rows: list[dict], n_boot: int = BOOTSTRAP_RESAMPLES) -> str:
+    """Markdown: per method pair, the mean paired difference with its 95% interval, wins, and per task."""
+    results = [r for r in (paired_differences(rows, a, b, n_boot) for a, b in method_pairs(rows)) if r]
+    if not results:
+        return "No two methods share a task and seed."
+    tasks = _ordered({t for r in results for t in r["tasks"]}, TASK_ORDER)
+    lines = ["| A − B | cells | mean diff (points) | 95% CI | tasks A wins / B wins | "
+             + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 5)]
+    for r in results:
+        cells = []
+        for t in tasks:
+            v = r["tasks"].get(t)
+            cells.append("–" if v is None else f"{_pp(v['diff'])} [{_pp(v['lo'])}, {_pp(v['hi'])}]")
+        excludes = "**" if r["lo"] > 0 or r["hi"] < 0 else ""
+        note = "" if r["rows_resampled"] else " (seeds only)"
+        lines.append(f"| {r['a']} − {r['b']} | {r['cells']} | {excludes}{_pp(r['diff'])}{excludes} | "
+                     f"[{_pp(r['lo'])}, {_pp(r['hi'])}]{note} | {r['a_wins']} / {r['b_wins']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def calls_to_reach(rows: list[dict], curves: list[dict], reference: str = "bbt") -> dict:
+    """Per (method, task): train calls each seed needed to reach ``reference``'s final best dev score.
+
+    The target is paired: seed s of a method must reach what ``reference`` reached with seed s.
+    Returns ``{(method, task): (calls of the seeds that reached it, number of seeds)}``.
+    """
+    by = defaultdict(list)
+    for r in curves:
+        by[(r["task"], r["method"], int(r["seed"]))].append(r)
+    targets = {}
+    for (task, method, seed), curve in by.items():
+        if method == reference:
+            calls, best = _best_so_far(curve)
+            if len(best):
+                targets[(task, seed)] = best[-1]
+    out = defaultdict(lambda: ([], 0))
+    for r in rows:
+        key = (r["task"], int(r["seed"]))
+        if key not in targets:
+            continue
+        reached, n = out[(r["method"], r["task"])]
+        if r["method"] == "manual":
+            hit = 0 if r.get("dev_best") is not None and r["dev_best"] >= targets[key] else None
+        else:
+            calls, best = _best_so_far(by.get((r["task"], r["method"], int(r["seed"])), []))
+            ok = np.flatnonzero(best >= targets[key] - 1e-12)
+            hit = int(calls[ok[0]]) if len(ok) else None
+        out[(r["method"], r["task"])] = (reached + ([hit] if hit is not None else []), n + 1)
+    return dict(out)
+
+
+def reach_table(rows: list[dict], curves: list[dict], reference: str = "bbt") -> str:
+    """Markdown: median train calls to reach the reference's final best dev score (seeds that did / all)."""
+    reach = calls_to_reach(rows, curves, reference)
+    if not reach:
+        return f"No cell shares a task and seed with a finished {reference} cell."
+    tasks = _ordered({t for _, t in reach}, TASK_ORDER)
+    methods = _ordered({m for m, _ in reach}, METHOD_ORDER)
+    lines = ["| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            if (m, t) not in reach:
+                cells.append("–")
+                continue
+            hits, n = reach[(m, t)]
+            cells.append(f"{np.median(hits):.0f} ({len(hits)}/{n})" if hits else f"never (0/{n})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def student_table(rows: list[dict]) -> str:
+    """Markdown: per student method and task, median fidelity and rho, and teacher vs student seconds/generation."""
+    rs = [r for r in rows if r.get("median_fidelity") is not None or r.get("student_s")]
+    rs = [r for r in rs if r["method"] in ("kd", "gdfo", "gdfo_random")]
+    if not rs:
+        return "No cell ran a student."
+    tasks = _ordered({r["task"] for r in rs}, TASK_ORDER)
+    methods = _ordered({r["method"] for r in rs}, METHOD_ORDER)
+    by = defaultdict(list)
+    for r in rs:
+        by[(r["method"], r["task"])].append(r)
+    lines = ["| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            group = by.get((m, t), [])
+            fid = [r["median_fidelity"] for r in group if r.get("median_fidelity") is not None]
+            rho = [r["mean_rho"] for r in group if r.get("mean_rho") is not None]
+            gens = [max(int(r["generations"]), 1) for r in group]
+            if not group:
+                cells.append("–")
+                continue
+            teacher = np.mean([r["teacher_s"] / g for r, g in zip(group, gens)])
+            student = np.mean([r["student_s"] / g for r, g in zip(group, gens)])
+            parts = [f"fid {np.median(fid):+.2f}" if fid else "fid –"]
+            if rho:
+                parts.append(f"rho {np.median(rho):+.2f}")
+            parts.append(f"{teacher:.1f} s teacher / {student:.1f} s student")
+            cells.append(", ".join(parts))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def missing_cells(results_dir: str, rows: list[dict]) -> list[str]:
     """Cells some ``gdfo bench`` invocation asked for that have not finished (cut short, or failed)."""
     import yaml
@@ -206,6 +392,23 @@ def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:
         "Train calls + dev calls, and the wall time of one cell (model loading and test scoring included; "
         "* only resumed cells, whose time counts from the resume).", "",
         cost_table(rows), "",
+        "## Paired differences in test score", "",
+        f"A − B in points, paired on (task, seed), averaged over the tasks both ran. 95% CI: percentile "
+        f"bootstrap ({BOOTSTRAP_RESAMPLES} resamples) over seeds within each task and, within each seed, over "
+        "the test rows, scored on the same rows for A and B. Bold: the interval excludes zero. A task counts as "
+        "a win for the side whose mean over seeds is higher.", "",
+        paired_table(rows), "",
+        "## Train calls to reach bbt's final best dev score", "",
+        "Per seed, the target is what bbt reached with that seed by the end of its budget; a cell shows the median "
+        "calls over the seeds that reached it, and how many did. Dev calls are not counted; manual needs 0 calls "
+        "when its dev score is already there.", "",
+        reach_table(rows, curves), "",
+        "## The student", "",
+        "Median over seeds of each run's median fidelity (Spearman of the student's predicted against the "
+        "teacher's fitness of a population, predicted before the student trains on it), of each run's mean rho "
+        "(agreement of the gradient with CMA-ES's step), and the mean time per generation spent on the teacher "
+        "and on the student.", "",
+        student_table(rows), "",
         "## Best dev score against train calls", "",
         *[f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in plots], "",
     ]
