@@ -270,6 +270,8 @@ class StudentConfig:
             generation's candidates are with the teacher. gdfo's gradient then comes from
             a student one generation behind; it pays where the student and the teacher
             do not share processors (a GPU student, a remote teacher).
+        max_rows_per_forward: rows per forward of the student. Small chunks of rows sorted by
+            length pad less: 16 made a K-step of 64 SST-2 rows 38% faster than 64 on a 2-core CPU.
         z_shift: add to the student's logits a class shift linear in z (``z U``, U of d x C),
             trained with the projection: the part of the teacher's response to z that all
             examples share, learnt from few candidates.
@@ -287,6 +289,7 @@ class StudentConfig:
     overlap_distill: bool = False
     precision: str = "auto"
     z_shift: bool = False
+    max_rows_per_forward: int = 16
 
     def __post_init__(self) -> None:
         _check_int("student.k_steps", self.k_steps, 0)
@@ -297,6 +300,7 @@ class StudentConfig:
         _check_positive("student.beta", self.beta, allow_zero=True)
         _check_positive("student.rank_weight", self.rank_weight, allow_zero=True)
         _check_int("student.buffer_candidates", self.buffer_candidates, 1)
+        _check_int("student.max_rows_per_forward", self.max_rows_per_forward, 1)
         _check_choice("student.precision", self.precision, ("auto", "float32", "bfloat16"))
 
 

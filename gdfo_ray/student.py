@@ -99,7 +99,7 @@ class StudentModel(nn.Module):
             config.model.student, config.model.student_kind, data.spec,
             {"train": data.train, "dev": data.dev, "test": data.test}, readout="auto", dtype="float32",
             device=config.model.device, max_text_tokens=config.task.max_text_tokens,
-            max_rows_per_forward=config.model.max_rows_per_forward, need_lm_head=False,
+            max_rows_per_forward=config.student.max_rows_per_forward, need_lm_head=False,
         )
         d, n, h = config.prompt.intrinsic_dim, config.prompt.n_prompt_tokens, self.lm.hidden_size
         gen = torch.Generator().manual_seed(config.seed + 1)
@@ -109,6 +109,10 @@ class StudentModel(nn.Module):
         ids = torch.randint(min(1000, vocab - 1), vocab, (n,), generator=gen)
         self.P0 = nn.Parameter(self.lm.embed_tokens(ids.tolist()).float().clone())
         self.lm.model.requires_grad_(config.student.train_body)
+        # A class shift linear in z, shared by all examples: how a move in z tilts the teacher toward a
+        # class. It is learnt from few candidates (d x C weights), where A_S needs many.
+        self.U = nn.Parameter(torch.zeros(d, data.spec.n_classes, device=self.lm.device),
+                              requires_grad=config.student.z_shift)
         self.n, self.h = n, h
         # Only predictions (no gradient) may run in bfloat16: on a 2-core AMX CPU that halved a
         # population's prediction, but made the training steps 24% slower (backward kernels).
@@ -119,7 +123,7 @@ class StudentModel(nn.Module):
         prompts = self.P0.unsqueeze(0) + (z @ self.A).view(-1, self.n, self.h)
         fast = self.autocast and not torch.is_grad_enabled()
         with torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=fast):
-            return self.lm(prompts, rows, split).float()
+            return self.lm(prompts, rows, split).float() + z @ self.U
 
 
 class StudentTrainer:
@@ -137,8 +141,8 @@ class StudentTrainer:
         self.device = self.model.lm.device
         self.train_labels = host_tensor(data.train.label, self.device)
         self.n_train = len(data.train)
-        projection = [self.model.A, self.model.P0]
-        rest = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in ("A", "P0")]
+        projection = [p for p in (self.model.A, self.model.P0, self.model.U) if p.requires_grad]
+        rest = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in ("A", "P0", "U")]
         self.params = projection + rest
         self.optimizer = torch.optim.Adam([
             {"params": projection, "lr": config.student.projection_lr},

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The campaign of issue 10: 510 train calls per run (30 generations of CMA-ES at popsize 17, five
+# times the 102 of benchmarks/campaign.sh), SST-2, AG News and RTE, five seeds, manual / bbt / kd /
+# gdfo / gdfo's random-direction control, every test set scored in full. Speed options that do not
+# change the method: bfloat16 where the CPU computes it natively (the default), the prompt after the
+# text with the text's key/value states cached (task.prompt_placement=suffix). The student settings
+# are pinned here, so that a later change of their defaults cannot make finished cells differ.
+# A rerun skips finished cells, so an interrupted campaign continues where it stopped.
+#   GDFO_DATA_DIR=../shared/data bash benchmarks/campaign_500.sh [RESULTS_DIR]
+set -euo pipefail
+RESULTS=${1:-runs/campaign_500}
+gdfo bench --tasks sst2 ag_news rte --seeds 13 42 87 21 100 --methods manual bbt kd gdfo gdfo_random \
+    --budget 510 --results "$RESULTS" --cell-cpus 1 \
+    --set task.prompt_placement=suffix --set student.k_steps=5 --set student.batch_rows=32 \
+    --set student.max_rows_per_forward=16
+gdfo report "$RESULTS"

@@ -1,0 +1,171 @@
+"""Student fidelity and student cost, per task and per student setting, on recorded teacher answers.
+
+Fidelity is what gdfo's gradient rests on: the Spearman correlation between the
+fitness the student predicts for a population and the fitness the teacher then
+returns, measured before the student has seen that population (as in a run).
+
+Step 1 records a CMA-ES trajectory against the teacher (bbt's search, popsize
+lambda, ``--calls`` calls) once per task and seed, and caches it as ``.npz``. Step 2
+replays it for each student setting: per generation the student predicts the
+population, is scored against the teacher's fitness, then gets the answers and
+takes its K distillation steps, exactly the calls a gdfo run makes. It prints the
+median fidelity per task and setting, and where a generation's student time goes
+(predicting the population, K steps, the gradient) beside the teacher's time for
+the same generation. Example::
+
+    GDFO_DATA_DIR=../shared/data python benchmarks/fidelity.py --tasks sst2 ag_news rte \\
+        --variant default --variant rank=student.rank_weight=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from gdfo_ray import GDFOConfig
+from gdfo_ray.config import apply_overrides
+from gdfo_ray.losses import fitness, spearman
+from gdfo_ray.student import ReplayBuffer, StudentTrainer
+from gdfo_ray.tasks import load_task
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``name=key=value,key=value`` (or just ``name``) -> (name, overrides)."""
+    name, _, rest = text.partition("=")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
+def record(config: GDFOConfig, calls: int, path: str) -> dict:
+    """The teacher's answers along one CMA-ES trajectory (cached: the teacher is the slow part)."""
+    if os.path.exists(path):
+        return dict(np.load(path))
+    from gdfo_ray.local_teacher import LocalTeacher
+    from gdfo_ray.methods import make_es
+    from gdfo_ray.prompt import make_space
+
+    data = load_task(config.task, config.seed)
+    teacher = LocalTeacher(config, data)
+    space = make_space("bbt", config.prompt, config.seed, teacher.describe(), teacher.embed_tokens)
+    es = make_es(config, config.seed + 1)
+    ids = np.arange(len(data.train))
+    Zs, logits_all, teacher_s = [], [], []
+    loss = config.search.loss or data.spec.loss
+    for _ in range(calls // config.popsize):
+        Z = np.asarray(es.ask())
+        t0 = time.perf_counter()
+        logits = teacher.query(space.project(Z), "train", ids)
+        teacher_s.append(time.perf_counter() - t0)
+        es.tell(list(Z), fitness(logits, data.train.label, loss).tolist())
+        Zs.append(Z)
+        logits_all.append(logits)
+    out = {"Z": np.stack(Zs), "logits": np.stack(logits_all), "teacher_s": np.asarray(teacher_s)}
+    np.savez(path, **out)
+    return out
+
+
+def replay(config: GDFOConfig, traj: dict) -> dict:
+    """Fidelity per generation and the student's time per part, as a gdfo run would spend it."""
+    data = load_task(config.task, config.seed)
+    trainer = StudentTrainer(config, data)
+    buffer = ReplayBuffer(config.student.buffer_candidates)
+    rng = np.random.default_rng(config.seed)
+    loss = config.search.loss or data.spec.loss
+    labels, ids = data.train.label, np.arange(len(data.train))
+    cfg = config.student
+    pop_rows = min(8, len(ids)) if cfg.rank_weight > 0 else 0
+    fid, t_pred, t_train, t_grad = [], [], [], []
+    for Z, logits in zip(traj["Z"], traj["logits"]):
+        F = fitness(logits, labels, loss)
+        t0 = time.perf_counter()
+        fid.append(spearman(trainer.predict_fitness(Z), F))
+        t1 = time.perf_counter()
+        buffer.add(Z, logits, ids, F)
+        trainer.train_steps([buffer.sample(cfg.batch_rows, rng, labels, pop_rows) for _ in range(cfg.k_steps)])
+        t2 = time.perf_counter()
+        trainer.grad_z(Z.mean(0))
+        t3 = time.perf_counter()
+        t_pred.append(t1 - t0)
+        t_train.append(t2 - t1)
+        t_grad.append(t3 - t2)
+    return {"fidelity": np.asarray(fid), "predict_s": np.asarray(t_pred), "train_s": np.asarray(t_train),
+            "grad_s": np.asarray(t_grad)}
+
+
+def linear_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 1.0) -> np.ndarray:
+    """Fidelity of a ridge regression of fitness on z over all earlier candidates (no student at all).
+
+    It says how much of a population's order a model linear in z can know from the answers
+    already paid for: the bar a student has to clear.
+    """
+    fid, Zs, Fs = [], [], []
+    for Z, logits in zip(traj["Z"], traj["logits"]):
+        F = fitness(logits, labels, loss)
+        if Zs:
+            X, y = np.vstack(Zs), np.concatenate(Fs)
+            mu, ym = X.mean(0), y.mean()
+            Xc = X - mu
+            w = np.linalg.solve(Xc.T @ Xc + ridge * np.eye(X.shape[1]), Xc.T @ (y - ym))
+            fid.append(spearman((Z - mu) @ w, F))
+        else:
+            fid.append(float("nan"))
+        Zs.append(Z)
+        Fs.append(F)
+    return np.asarray(fid)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news", "rte"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[42])
+    p.add_argument("--calls", type=int, default=255, help="teacher calls recorded per task and seed")
+    p.add_argument("--variant", action="append", default=None,
+                   help="name=key=value,key=value (student settings to compare); repeatable")
+    p.add_argument("--set", action="append", default=[], help="key=value applied to every run")
+    p.add_argument("--cache", default="runs/fidelity_cache")
+    p.add_argument("--skip-first", type=int, default=2,
+                   help="generations left out of the median (the untrained student's first guesses)")
+    args = p.parse_args(argv)
+    variants = [parse_variant(v) for v in (args.variant or ["default"])]
+    common = dict(parse_variant("x=" + ",".join(args.set))[1]) if args.set else {}
+    os.makedirs(args.cache, exist_ok=True)
+    print("| task | seed | setting | median fidelity | fidelity > 0 | teacher s/gen | student s/gen "
+          "(predict + K steps + gradient) |")
+    print("|---|---|---|---|---|---|---|")
+    for task in args.tasks:
+        for seed in args.seeds:
+            base = apply_overrides(GDFOConfig().to_dict(), {"task.name": task, "task.prompt_placement": "suffix",
+                                                            "seed": seed, "method": "gdfo", **common})
+            config = GDFOConfig.from_dict(base)
+            traj = record(config, args.calls, os.path.join(args.cache, f"{task}_{seed}_{args.calls}.npz"))
+            teacher_s = float(np.median(traj["teacher_s"]))
+            data = load_task(config.task, config.seed)
+            f = linear_surrogate(traj, data.train.label, config.search.loss or data.spec.loss)[args.skip_first:]
+            f = f[np.isfinite(f)]
+            print(f"| {task} | {seed} | (ridge regression on z, no student) | {np.median(f):+.3f} | "
+                  f"{np.mean(f > 0):.0%} | {teacher_s:.2f} | – |", flush=True)
+            for name, overrides in variants:
+                vconfig = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
+                r = replay(vconfig, traj)
+                f = r["fidelity"][args.skip_first:]
+                f = f[np.isfinite(f)]
+                parts = [float(np.median(r[k])) for k in ("predict_s", "train_s", "grad_s")]
+                print(f"| {task} | {seed} | {name} | {np.median(f):+.3f} | {np.mean(f > 0):.0%} | {teacher_s:.2f} "
+                      f"| {sum(parts):.2f} ({parts[0]:.2f} + {parts[1]:.2f} + {parts[2]:.2f}) |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
