@@ -86,11 +86,14 @@ def replay(config: GDFOConfig, traj: dict) -> dict:
     labels, ids = data.train.label, np.arange(len(data.train))
     cfg = config.student
     pop_rows = min(8, len(ids)) if cfg.rank_weight > 0 else 0
+    # The rows a run compares the student and the teacher on (see Driver.fidelity_rows).
+    fid_rows = np.sort(np.random.default_rng(config.seed + 7).choice(len(ids), min(cfg.fidelity_rows, len(ids)),
+                                                                      replace=False))
     fid, t_pred, t_train, t_grad = [], [], [], []
     for Z, logits in zip(traj["Z"], traj["logits"]):
         F = fitness(logits, labels, loss)
         t0 = time.perf_counter()
-        fid.append(spearman(trainer.predict_fitness(Z), F))
+        fid.append(spearman(trainer.predict_fitness(Z, fid_rows), fitness(logits[:, fid_rows], labels[fid_rows], loss)))
         t1 = time.perf_counter()
         buffer.add(Z, logits, ids, F)
         trainer.train_steps([buffer.sample(cfg.batch_rows, rng, labels, pop_rows) for _ in range(cfg.k_steps)])

@@ -260,8 +260,8 @@ class RayStudentGroup(StudentGroup):
     def distill(self, batches: list) -> float:
         return self._recovering(super().distill, batches, mutates=True)
 
-    def predict_fitness(self, Z):
-        return self._recovering(super().predict_fitness, Z)
+    def predict_fitness(self, Z, rows=None):
+        return self._recovering(super().predict_fitness, Z, rows)
 
     def grad_z(self, z):
         return self._recovering(super().grad_z, z)

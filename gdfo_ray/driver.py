@@ -18,7 +18,7 @@ import numpy as np
 from gdfo_ray.budget import CallBudget
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.exceptions import TeacherError
-from gdfo_ray.losses import fitness, metric
+from gdfo_ray.losses import fitness, metric, spearman
 from gdfo_ray.methods import BaseMethod, make_method
 from gdfo_ray.prompt import PromptSpace
 from gdfo_ray.student import ReplayBuffer
@@ -53,6 +53,16 @@ class StepContext:
         self.student = _LaneProxy(self) if driver.lane is not None else None
         self.fitness: list[np.ndarray] = []  # every fitness the teacher paid for this generation
         self.overlap_distill = driver.config.student.overlap_distill
+
+    def predict_async(self, Z: np.ndarray) -> Future:
+        """Start the student's prediction of a population's fitness on the fidelity rows."""
+        return self.student_async("predict_fitness", Z, self._driver.fidelity_rows)
+
+    def fidelity(self, predicted: np.ndarray, logits: np.ndarray) -> float:
+        """Spearman of the student's predicted against the teacher's fitness, on the same rows."""
+        d = self._driver
+        rows = d.fidelity_rows
+        return spearman(predicted, fitness(logits[:, rows], d.data.train.label[rows], d.loss))
 
     def student_async(self, method: str, *args) -> Future:
         """Start a student call and return at once; calls run in the order they were started."""
@@ -209,6 +219,10 @@ class Driver:
         self.config, self.data, self.teacher, self.student, self.space = config, data, teacher, student, space
         self.loss = config.search.loss or data.spec.loss
         self.train_ids = np.arange(len(data.train))
+        # Its own generator: drawing these rows leaves the run's stream (and so its results) unchanged.
+        n_fid = min(config.student.fidelity_rows, len(data.train))
+        self.fidelity_rows = np.sort(np.random.default_rng(config.seed + 7).choice(len(data.train), n_fid,
+                                                                                     replace=False))
         self.hooks = list(hooks)
         self.gate = gate
         if state is None:

@@ -15,7 +15,6 @@ import numpy as np
 
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.harmonize import harmonize
-from gdfo_ray.losses import spearman
 
 if TYPE_CHECKING:
     from gdfo_ray.driver import StepContext
@@ -64,11 +63,11 @@ class BBT(BaseMethod):
     def _ask_tell(self, ctx: "StepContext", predict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         with ctx.timed("optimizer_s"):
             Z = np.asarray(self.es.ask())
-        predicting = ctx.student_async("predict_fitness", Z) if predict else None  # runs while the teacher does
+        predicting = ctx.predict_async(Z) if predict else None  # runs while the teacher does
         F, logits = ctx.evaluate(Z)
         info = {"sigma": float(self.es.sigma)}
         if predict:
-            info["fidelity"] = spearman(ctx.wait_student(predicting), F)
+            info["fidelity"] = ctx.fidelity(ctx.wait_student(predicting), logits)
             # With overlap, the steps on this generation's answers start after the gradient (see GDFO.step);
             # the row reports the loss of the previous generation's steps.
             info["kd_loss"] = ctx.previous_distill_loss() if ctx.overlap_distill else ctx.distill(Z, logits, F)
@@ -166,9 +165,9 @@ class KD(BaseMethod):
     def step(self, ctx: "StepContext") -> dict:
         noise = ctx.rng.normal(size=(self.calls_per_generation - 1, self.d)) * self.sigma
         Z = np.vstack([self.z, self.z + noise])
-        predicted = ctx.student.predict_fitness(Z)
+        predicted = ctx.wait_student(ctx.predict_async(Z))
         F, logits = ctx.evaluate(Z)
-        info = {"kd_loss": ctx.distill(Z, logits, F), "fidelity": spearman(predicted, F)}
+        info = {"kd_loss": ctx.distill(Z, logits, F), "fidelity": ctx.fidelity(predicted, logits)}
         info["student_loss"], g = ctx.student.grad_z(self.z)
         norm = float(np.linalg.norm(g))
         if norm > 0:

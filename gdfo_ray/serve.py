@@ -443,27 +443,41 @@ def build_app(config: ServeConfig, scorer, token: str):
             raise WireError(f"token_ids must lie in [0, {info['vocab_size']}).")
         return web.json_response({"embeddings": encode_array(scorer.embed(ids))})
 
+    def admit():
+        """None if a call may start now, else the 429 to answer."""
+        wait = pacer.try_acquire(time.monotonic())
+        if wait > 0:
+            counts["rate_limited"] += 1
+            return error(429, f"Rate limit of {config.rate_limit:g} calls/s exceeded.",
+                         # Retry-After is whole seconds (RFC 9110); Retry-After-Ms says when, to the millisecond.
+                         {"Retry-After": str(max(1, math.ceil(wait))), "Retry-After-Ms": str(math.ceil(wait * 1000))})
+        if getattr(scorer, "queued", 0) >= config.max_queue:
+            counts["queue_full"] += 1
+            return error(429, f"The service has {config.max_queue} calls queued.", {"Retry-After": "1"})
+        return None
+
     async def score(request):
         counts["requests"] += 1
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 0 < len(key) <= 200:
             raise WireError("Idempotency-Key must be 1 to 200 characters.")
-        replay = key is not None and key in answers
-        if not replay:  # a replay is answered from memory: it takes no slot of the rate limit
-            wait = pacer.try_acquire(time.monotonic())
-            if wait > 0:
-                counts["rate_limited"] += 1
-                return error(429, f"Rate limit of {config.rate_limit:g} calls/s exceeded.",
-                             # Retry-After is whole seconds (RFC 9110); Retry-After-Ms says when, to the ms.
-                             {"Retry-After": str(max(1, math.ceil(wait))), "Retry-After-Ms": str(math.ceil(wait * 1000))})
-            if getattr(scorer, "queued", 0) >= config.max_queue:
-                counts["queue_full"] += 1
-                return error(429, f"The service has {config.max_queue} calls queued.", {"Retry-After": "1"})
+        # A replay is answered from memory and takes no slot of the rate limit. Checked before the body is
+        # read (a refusal costs little), and again after: the first call may have failed meanwhile.
+        slot = False
+        if key is None or key not in answers:
+            refused = admit()
+            if refused is not None:
+                return refused
+            slot = True
         req = parse_score_request(await read_json(request), config, info["hidden_size"])
         if key is not None and key in answers:
             counts["replayed"] += 1
             logits = await asyncio.shield(answers[key])
         else:
+            if not slot:
+                refused = admit()
+                if refused is not None:
+                    return refused
             future = asyncio.get_running_loop().create_future()
             if key is not None:
                 answers[key] = future

@@ -189,10 +189,11 @@ class StudentTrainer:
             losses.append(loss)
         return float(np.mean(losses)) if losses else float("nan")
 
-    def predict_fitness(self, Z: np.ndarray) -> np.ndarray:
-        """The student's fitness of each candidate on the whole train batch (for fidelity)."""
+    def predict_fitness(self, Z: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """The student's fitness of each candidate on train ``rows`` (default: all), for fidelity."""
+        rows = np.arange(self.n_train) if rows is None else np.asarray(rows)
         with torch.no_grad():
-            return self._population_fitness(self._z(Z), np.arange(self.n_train)).cpu().numpy()
+            return self._population_fitness(self._z(Z), rows).cpu().numpy()
 
     def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         """Task loss at z on the train batch and its gradient in z (METHOD.md step 5's g)."""
@@ -256,8 +257,8 @@ class StudentGroup:
             losses.append(float(sum(w * loss for w, (loss, _) in zip(weights, results))))
         return float(np.mean(losses)) if losses else float("nan")
 
-    def predict_fitness(self, Z: np.ndarray) -> np.ndarray:
-        return self._first("predict_fitness", Z)
+    def predict_fitness(self, Z: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        return self._first("predict_fitness", Z, rows)
 
     def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         return self._first("grad_z", z)

@@ -55,15 +55,15 @@ class SurrogateStudent:
             self.opt.step()
         return loss.item()
 
-    def _fitness(self, Z):
+    def _fitness(self, Z, rows=None):
         k = Z.shape[0]
-        rows = torch.arange(B).repeat(k)
-        logits = self._logits(Z.repeat_interleave(B, 0), rows, "train").view(k, B, 2)
-        return task_loss(logits, self.labels.expand(k, -1), "ce")
+        rows = torch.arange(B) if rows is None else torch.as_tensor(rows)
+        logits = self._logits(Z.repeat_interleave(len(rows), 0), rows.repeat(k), "train").view(k, len(rows), 2)
+        return task_loss(logits, self.labels[rows].expand(k, -1), "ce")
 
-    def predict_fitness(self, Z):
+    def predict_fitness(self, Z, rows=None):
         with torch.no_grad():
-            return self._fitness(torch.as_tensor(Z, dtype=torch.float32)).numpy()
+            return self._fitness(torch.as_tensor(Z, dtype=torch.float32), rows).numpy()
 
     def grad_z(self, z):
         zt = torch.as_tensor(z, dtype=torch.float32).reshape(1, -1).requires_grad_(True)
@@ -72,11 +72,11 @@ class SurrogateStudent:
         return loss.item(), g[0].numpy()
 
 
-def _setup(method, seed, budget=320, control="none", nan_after=None):
+def _setup(method, seed, budget=320, control="none", nan_after=None, fidelity_rows=32):
     config = GDFOConfig.from_dict({
         "method": method, "seed": seed, "prompt": {"intrinsic_dim": D, "n_prompt_tokens": N},
         "search": {"budget_calls": budget, "popsize": 8, "sigma0": 0.2, "eval_every_calls": 40, "loss": "ce"},
-        "student": {"k_steps": 30, "batch_rows": 64},
+        "student": {"k_steps": 30, "batch_rows": 64, "fidelity_rows": fidelity_rows},
         "harmonize": {"eta": 0.5, "gamma": 0.5, "control": control},
     })
     teacher = SyntheticTeacher(seed, nan_after)
@@ -133,3 +133,18 @@ def test_nan_from_teacher_stops_with_the_candidate_named():
     driver, _ = _setup("bbt", 0, nan_after=10)
     with pytest.raises(TeacherError, match=r"candidate\(s\) \[7\]"):
         driver.run()
+
+
+def test_fidelity_compares_student_and_teacher_on_the_same_rows_and_leaves_the_run_unchanged():
+    runs = {}
+    for n in (4, B):
+        driver, _ = _setup("gdfo", 3, budget=160, fidelity_rows=n)
+        runs[n] = (driver, driver.run().history)
+    few, every = runs[4], runs[B]
+    assert len(few[0].fidelity_rows) == 4 and len(set(few[0].fidelity_rows)) == 4
+    assert list(every[0].fidelity_rows) == list(range(B))
+    # Only the diagnostic differs: the search and the student took the same steps.
+    assert [r["fitness_best"] for r in few[1]] == [r["fitness_best"] for r in every[1]]
+    assert [r["fidelity"] for r in few[1]] != [r["fidelity"] for r in every[1]]
+    # The exact surrogate student ranks the population as the teacher does on those rows.
+    assert np.median([r["fidelity"] for r in every[1][5:]]) > 0.5
