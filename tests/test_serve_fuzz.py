@@ -26,7 +26,7 @@ from gdfo_ray.wire import encode_array
 
 TOKEN = "fuzz-token-123456"
 HIDDEN = 32
-FUZZ_EXAMPLES = int(os.environ.get("GDFO_FUZZ_EXAMPLES", "150"))
+FUZZ_EXAMPLES = int(os.environ.get("GDFO_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -84,9 +84,10 @@ class Counter:
 
 
 @pytest.fixture
-def counted():
+def counted(request):
     c = Counter()
     yield c
+    print(f"\n{request.node.name}: {c.n} cases")  # shown with -s
     assert c.n >= min(FUZZ_EXAMPLES, 20), f"only {c.n} cases ran"
 
 
