@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -129,6 +130,40 @@ def linear_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 1
     return np.asarray(fid)
 
 
+def calibration_order(traj: dict, labels: np.ndarray, loss: str) -> np.ndarray:
+    """Per generation: Spearman of fitness against how far the population's mean logits lean to one class.
+
+    The lean of a candidate is the spread (std over classes) of its logits averaged over the
+    batch. When this is near 1, a population's order is mostly how well the prompt
+    calibrates the classes, not how well it separates the examples.
+    """
+    out = []
+    for logits in traj["logits"]:
+        lean = logits.mean(axis=1).std(axis=-1)
+        out.append(spearman(fitness(logits, labels, loss), lean))
+    return np.asarray(out)
+
+
+def shift_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 10.0) -> np.ndarray:
+    """Fidelity of a model of the class shift linear in z (ridge on all earlier candidates).
+
+    It predicts each candidate's mean logits from z, adds them to the last population's
+    per-example logits (centred), and scores the result: the best case for a student
+    whose response to z is one class shift shared by all examples (``student.z_shift``).
+    """
+    fid = [float("nan")]
+    for t in range(1, len(traj["Z"])):
+        X, L = np.vstack(traj["Z"][:t]), np.concatenate(traj["logits"][:t])
+        shift = L.mean(axis=1)
+        mu, sm = X.mean(0), shift.mean(0)
+        W = np.linalg.solve((X - mu).T @ (X - mu) + ridge * np.eye(X.shape[1]), (X - mu).T @ (shift - sm))
+        last = traj["logits"][t - 1]
+        base = last.mean(0) - last.mean(axis=(0, 1))
+        predicted = base[None] + ((traj["Z"][t] - mu) @ W + sm)[:, None, :]
+        fid.append(spearman(fitness(predicted, labels, loss), fitness(traj["logits"][t], labels, loss)))
+    return np.asarray(fid)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news", "rte"])
@@ -138,10 +173,12 @@ def main(argv=None) -> int:
                    help="name=key=value,key=value (student settings to compare); repeatable")
     p.add_argument("--set", action="append", default=[], help="key=value applied to every run")
     p.add_argument("--cache", default="runs/fidelity_cache")
+    p.add_argument("--surrogates-only", action="store_true",
+                   help="only the rows that need no student (from the cached teacher answers)")
     p.add_argument("--skip-first", type=int, default=2,
                    help="generations left out of the median (the untrained student's first guesses)")
     args = p.parse_args(argv)
-    variants = [parse_variant(v) for v in (args.variant or ["default"])]
+    variants = [] if args.surrogates_only else [parse_variant(v) for v in (args.variant or ["default"])]
     common = dict(parse_variant("x=" + ",".join(args.set))[1]) if args.set else {}
     os.makedirs(args.cache, exist_ok=True)
     print("| task | seed | setting | median fidelity | fidelity > 0 | teacher s/gen | student s/gen "
@@ -152,13 +189,26 @@ def main(argv=None) -> int:
             base = apply_overrides(GDFOConfig().to_dict(), {"task.name": task, "task.prompt_placement": "suffix",
                                                             "seed": seed, "method": "gdfo", **common})
             config = GDFOConfig.from_dict(base)
-            traj = record(config, args.calls, os.path.join(args.cache, f"{task}_{seed}_{args.calls}.npz"))
+            # The trajectory depends on the teacher, the task and the search: its file says which.
+            key = zlib.crc32(json.dumps([str(config.model),
+                                         str(config.task), str(config.search), str(config.prompt)]).encode())
+            traj = record(config, args.calls, os.path.join(args.cache, f"{task}_{seed}_{args.calls}_{key:08x}.npz"))
             teacher_s = float(np.median(traj["teacher_s"]))
             data = load_task(config.task, config.seed)
             f = linear_surrogate(traj, data.train.label, config.search.loss or data.spec.loss)[args.skip_first:]
             f = f[np.isfinite(f)]
             print(f"| {task} | {seed} | (ridge regression on z, no student) | {np.median(f):+.3f} | "
                   f"{np.mean(f > 0):.0%} | {teacher_s:.2f} | – |", flush=True)
+            loss = config.search.loss or data.spec.loss
+            f = shift_surrogate(traj, data.train.label, loss)[args.skip_first:]
+            f = f[np.isfinite(f)]
+            print(f"| {task} | {seed} | (class shift linear in z, no student) | {np.median(f):+.3f} | "
+                  f"{np.mean(f > 0):.0%} | {teacher_s:.2f} | – |", flush=True)
+            c = calibration_order(traj, data.train.label, loss)
+            half = len(c) // 2
+            print(f"| {task} | {seed} | (order explained by calibration: fitness vs class lean, first / second "
+                  f"half of the generations) | {np.median(c[:half]):+.2f} / {np.median(c[half:]):+.2f} | | | |",
+                  flush=True)
             for name, overrides in variants:
                 vconfig = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
                 r = replay(vconfig, traj)

@@ -210,9 +210,19 @@ def test_a_stopped_job_resumes_with_resume(ray_head, service, tiny_models, tiny_
     assert summary["calls"] == 240 and summary["generations"] == 60
 
 
+def test_a_job_with_bad_input_fails_with_the_message_that_fixes_it(ray_head, service, tiny_models, tiny_data_dir,
+                                                                   outputs):
+    ray_head.submit(["--task", "sst2", "--budget", "8", "--output-dir", str(outputs / "bad"),
+                     *_tiny(service, tiny_models, tiny_data_dir), "--set", "search.popsize=1"], "gdfo-bad")
+    assert ray_head.wait("gdfo-bad", timeout=120) == "FAILED"
+    logs = ray_head.client.get_job_logs("gdfo-bad")
+    assert "search.popsize must be an integer >= 2" in logs and "Traceback" not in logs, logs[-2000:]
+    assert not (outputs / "bad" / "checkpoint.pkl").exists()
+
+
 def test_no_secret_reaches_what_jobs_wrote(ray_head, outputs):
     """Run dirs, Parquet, Tune's state, job logs and the session's logs: neither token appears."""
-    assert len(ray_head.jobs) >= 4, "run after the job tests of this module"
+    assert len(ray_head.jobs) >= 5, "run after the job tests of this module"
     leaks = []
     for root in (str(outputs), os.path.join(ray_head.temp_dir, "session_latest", "logs")):
         for path in glob.glob(os.path.join(root, "**", "*"), recursive=True):
