@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -63,8 +63,8 @@ def score_table(rows: list[dict], value: str = "test_score") -> str:
     return "\n".join(lines)
 
 
-def cost_table(rows: list[dict]) -> str:
-    """Markdown: per method and task, mean train calls + dev calls and mean wall time of a cell."""
+def _grid(rows: list[dict], cell: Callable[[list[dict]], str]) -> str:
+    """Markdown: one row per method, one column per task, ``cell(rows of that method and task)`` in each."""
     tasks = _ordered({r["task"] for r in rows}, TASK_ORDER)
     methods = _ordered({r["method"] for r in rows}, METHOD_ORDER)
     by = defaultdict(list)
@@ -72,20 +72,23 @@ def cost_table(rows: list[dict]) -> str:
         by[(r["method"], r["task"])].append(r)
     lines = ["| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
     for m in methods:
-        cells = []
-        for t in tasks:
-            rs = by[(m, t)]
-            if not rs:
-                cells.append("–")
-                continue
-            calls = np.mean([r["calls"] for r in rs])
-            dev = np.mean([r["dev_calls"] for r in rs])
-            # A resumed cell's wall time covers only what ran after the resume: used only when nothing else is.
-            whole = [r["wall_s"] for r in rs if not r.get("resumed")]
-            time_s = f"{np.mean(whole):.0f} s" if whole else f"{np.mean([r['wall_s'] for r in rs]):.0f} s*"
-            cells.append(f"{calls:.0f}+{dev:.0f} calls, {time_s}")
+        cells = [cell(by[(m, t)]) if by.get((m, t)) else "–" for t in tasks]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cost_table(rows: list[dict]) -> str:
+    """Markdown: per method and task, mean train calls + dev calls and mean wall time of a cell."""
+
+    def cell(rs: list[dict]) -> str:
+        calls = np.mean([r["calls"] for r in rs])
+        dev = np.mean([r["dev_calls"] for r in rs])
+        # A resumed cell's wall time covers only what ran after the resume: used only when nothing else is.
+        whole = [r["wall_s"] for r in rs if not r.get("resumed")]
+        time_s = f"{np.mean(whole):.0f} s" if whole else f"{np.mean([r['wall_s'] for r in rs]):.0f} s*"
+        return f"{calls:.0f}+{dev:.0f} calls, {time_s}"
+
+    return _grid(rows, cell)
 
 
 # Which side of a pair is the subject (A in "A − B"): the method listed first here.
@@ -243,35 +246,20 @@ def reach_table(rows: list[dict], curves: list[dict], reference: str = "bbt") ->
 
 def student_table(rows: list[dict]) -> str:
     """Markdown: per student method and task, median fidelity and rho, and teacher vs student seconds/generation."""
-    rs = [r for r in rows if r.get("median_fidelity") is not None or r.get("student_s")]
-    rs = [r for r in rs if r["method"] in ("kd", "gdfo", "gdfo_random")]
+    rs = [r for r in rows if r["method"] in ("kd", "gdfo", "gdfo_random")]
     if not rs:
         return "No cell ran a student."
-    tasks = _ordered({r["task"] for r in rs}, TASK_ORDER)
-    methods = _ordered({r["method"] for r in rs}, METHOD_ORDER)
-    by = defaultdict(list)
-    for r in rs:
-        by[(r["method"], r["task"])].append(r)
-    lines = ["| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
-    for m in methods:
-        cells = []
-        for t in tasks:
-            group = by.get((m, t), [])
-            fid = [r["median_fidelity"] for r in group if r.get("median_fidelity") is not None]
-            rho = [r["mean_rho"] for r in group if r.get("mean_rho") is not None]
-            gens = [max(int(r["generations"]), 1) for r in group]
-            if not group:
-                cells.append("–")
-                continue
-            teacher = np.mean([r["teacher_s"] / g for r, g in zip(group, gens)])
-            student = np.mean([r["student_s"] / g for r, g in zip(group, gens)])
-            parts = [f"fid {np.median(fid):+.2f}" if fid else "fid –"]
-            if rho:
-                parts.append(f"rho {np.median(rho):+.2f}")
-            parts.append(f"{teacher:.1f} s teacher / {student:.1f} s student")
-            cells.append(", ".join(parts))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(group: list[dict]) -> str:
+        fid = [r["median_fidelity"] for r in group if r.get("median_fidelity") is not None]
+        rho = [r["mean_rho"] for r in group if r.get("mean_rho") is not None]
+        gens = [max(int(r["generations"]), 1) for r in group]
+        teacher = np.mean([r["teacher_s"] / g for r, g in zip(group, gens)])
+        student = np.mean([r["student_s"] / g for r, g in zip(group, gens)])
+        parts = [f"fid {np.median(fid):+.2f}" if fid else "fid –"] + ([f"rho {np.median(rho):+.2f}"] if rho else [])
+        return ", ".join(parts + [f"{teacher:.1f} s teacher / {student:.1f} s student"])
+
+    return _grid(rs, cell)
 
 
 def missing_cells(results_dir: str, rows: list[dict]) -> list[str]:

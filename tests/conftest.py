@@ -96,3 +96,17 @@ def tiny_config(tiny_models, tiny_data_dir, tmp_path):
 
     return build
 
+
+
+SERVICE_TOKEN = "test-token-123"
+
+
+@pytest.fixture(scope="module")
+def tiny_service(tiny_models):
+    """``gdfo serve`` on the tiny causal LM, with small limits (16 inputs, 8 prompt tokens, 50 KB bodies)."""
+    from gdfo_ray.serve import ServeConfig, start_in_thread
+
+    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=SERVICE_TOKEN, threads=1,
+                                     dtype="float32", max_inputs=16, max_text_chars=200, max_prompt_tokens=8,
+                                     max_body_mb=0.05)) as handle:
+        yield handle

@@ -19,16 +19,13 @@ from gdfo_ray.exceptions import ConfigError
 from gdfo_ray.serve import ServeConfig, start_in_thread
 from gdfo_ray.wire import encode_array
 
-TOKEN = "test-token-123"
+TOKEN = "test-token-123"  # tests/conftest.py's SERVICE_TOKEN
 TEMPLATE = "{prompt} {text} It was {mask}"
 
 
 @pytest.fixture(scope="module")
-def service(tiny_models):
-    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1, dtype="float32",
-                                     max_inputs=16, max_text_chars=200, max_prompt_tokens=8,
-                                     max_body_mb=0.05)) as handle:
-        yield handle
+def service(tiny_service):
+    return tiny_service
 
 
 def _post(service, path, body, token=TOKEN, **headers):

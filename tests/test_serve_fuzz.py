@@ -21,10 +21,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gdfo_ray.serve import ServeConfig, start_in_thread
 from gdfo_ray.wire import encode_array
 
-TOKEN = "fuzz-token-123456"
+TOKEN = "test-token-123"  # tests/conftest.py's SERVICE_TOKEN
 HIDDEN = 32
 FUZZ_EXAMPLES = int(os.environ.get("GDFO_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
@@ -32,11 +31,8 @@ FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
 
 
 @pytest.fixture(scope="module")
-def service(tiny_models):
-    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1, dtype="float32",
-                                     max_inputs=16, max_text_chars=200, max_prompt_tokens=8,
-                                     max_body_mb=0.05)) as handle:
-        yield handle
+def service(tiny_service):
+    return tiny_service
 
 
 @pytest.fixture(scope="module")
