@@ -167,11 +167,22 @@ def test_run_py_as_a_job_writes_its_results(ray_head, service, tiny_models, tiny
     assert service.stats()["billed"] - billed == summary["calls"] + summary["dev_calls"] + 2
 
 
-def test_bench_as_a_job_fills_its_dataset(ray_head, service, tiny_models, tiny_data_dir, outputs):
+def test_bench_submitted_with_the_ray_job_cli_fills_its_dataset(ray_head, service, tiny_models, tiny_data_dir,
+                                                                 outputs):
+    """The README's command: ``ray job submit --address ... --working-dir . -- python run.py ...``."""
     results = outputs / "campaign"
-    logs = ray_head.succeed(["bench", "--tasks", "sst2", "--seeds", "42", "--methods", "manual", "bbt",
-                             "--budget", "8", "--results", str(results), "--cell-cpus", "1",
-                             *_tiny(service, tiny_models, tiny_data_dir)], "gdfo-bench")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN)  # what a user of a token-auth cluster sets
+    cli = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", ray_head.url,
+         "--working-dir", ".", "--submission-id", "gdfo-bench", "--", "python", "run.py", "bench",
+         "--tasks", "sst2", "--seeds", "42", "--methods", "manual", "bbt", "--budget", "8", "--results", str(results),
+         "--cell-cpus", "1", *_tiny(service, tiny_models, tiny_data_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    ray_head.jobs.append("gdfo-bench")
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+    assert str(ray_head.client.get_job_status("gdfo-bench")) == "SUCCEEDED"
+    logs = ray_head.client.get_job_logs("gdfo-bench")
     cells = sorted(glob.glob(str(results / "cells" / "*" / "*" / "*.parquet")))
     assert [c.split("cells/")[1] for c in cells] == ["task=sst2/method=bbt/seed-42.parquet",
                                                      "task=sst2/method=manual/seed-42.parquet"]
