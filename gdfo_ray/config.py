@@ -281,8 +281,8 @@ class StudentConfig:
             examples share, learnt from few candidates.
     """
 
-    k_steps: int = 5
-    batch_rows: int = 32
+    k_steps: int = 10
+    batch_rows: int = 64
     lr: float = 1e-3
     projection_lr: float = 1e-3
     tau: float = 2.0
