@@ -187,6 +187,8 @@ def paired_table(rows: list[dict], n_boot: int = BOOTSTRAP_RESAMPLES) -> str:
             cells.append("–" if v is None else f"{_pp(v['diff'])} [{_pp(v['lo'])}, {_pp(v['hi'])}]")
         excludes = "**" if r["lo"] > 0 or r["hi"] < 0 else ""
         note = "" if r["rows_resampled"] else " (seeds only)"
+        if min(v["seeds"] for v in r["tasks"].values()) < 2:
+            note += " (1 seed: test rows only)"
         lines.append(f"| {r['a']} − {r['b']} | {r['cells']} | {excludes}{_pp(r['diff'])}{excludes} | "
                      f"[{_pp(r['lo'])}, {_pp(r['hi'])}]{note} | {r['a_wins']} / {r['b_wins']} | "
                      + " | ".join(cells) + " |")

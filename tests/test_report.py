@@ -106,3 +106,8 @@ def test_calls_to_reach_pairs_seeds_and_counts_those_that_never_do():
     assert reach[("gdfo", "sst2")] == ([17], 2)  # seed 2 never reached bbt's 0.8
     assert reach[("manual", "sst2")] == ([0], 2)
     assert "| gdfo | 17 (1/2) |" in reach_table(rows, curves)
+
+
+def test_a_pair_with_one_seed_says_its_interval_covers_test_rows_only():
+    rows = [_pred_row("sst2", "gdfo", 1, [1] * 60 + [0] * 40), _pred_row("sst2", "bbt", 1, [1] * 50 + [0] * 50)]
+    assert "(1 seed: test rows only)" in paired_table(rows, n_boot=100)
