@@ -43,16 +43,22 @@ def init_ray(pool: PoolConfig) -> bool:
     return True
 
 
-def actor_request(config: GDFOConfig) -> dict:
-    """The resources the run's actors ask for, summed: teacher-query actors and student workers."""
+def actor_bundles(config: GDFOConfig) -> list[dict]:
+    """One resource request per actor the run starts: its teacher-query actors, then its student workers."""
     p = config.pool
-    need: dict = collections.Counter()
-    for k, v in {"CPU": p.teacher_num_cpus, "GPU": p.teacher_num_gpus, **p.teacher_resources}.items():
-        need[k] += v * p.n_teacher_actors
+    teacher = {"CPU": p.teacher_num_cpus, "GPU": p.teacher_num_gpus, **p.teacher_resources}
+    bundles = [teacher] * p.n_teacher_actors
     if config.uses_student:
-        need["CPU"] += p.student_num_cpus * p.n_student_workers
-        need["GPU"] += (student_gpus(p) or 0.0) * p.n_student_workers
-    return {k: v for k, v in need.items() if v}
+        bundles += [{"CPU": p.student_num_cpus, "GPU": student_gpus(p)}] * p.n_student_workers
+    return [{k: v for k, v in b.items() if v} for b in bundles]
+
+
+def actor_request(config: GDFOConfig) -> dict:
+    """The resources the run's actors ask for, summed."""
+    need: dict = collections.Counter()
+    for bundle in actor_bundles(config):
+        need.update(bundle)
+    return dict(need)
 
 
 def check_pool_fits(config: GDFOConfig, poll_s: float = 2.0) -> None:

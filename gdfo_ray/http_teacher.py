@@ -130,7 +130,7 @@ class HttpTeacher(BaseTeacher):
         failures, waited = 0, 0.0
         while True:
             self._count("attempts")
-            wait = None
+            wait, status = None, None
             if self.limiter is not None:
                 self.limiter.acquire()
             try:
@@ -138,19 +138,20 @@ class HttpTeacher(BaseTeacher):
             except (requests.Timeout, requests.ConnectionError) as e:
                 last = f"{type(e).__name__}: {e}"
             else:
-                if response.status_code == 200:
+                status = response.status_code
+                if status == 200:
                     try:
                         return response.json()
                     except ValueError as e:
                         raise TeacherError(f"{self.url}{path} answered 200 with a body that is not JSON: "
                                            f"{response.text[:200]!r}") from e
                 message = _error_message(response)
-                if response.status_code not in RETRY_STATUS:
+                if status not in RETRY_STATUS:
                     self._count("failed")
                     hint = (f" Check ${s.token_env}: it must hold the service's token."
-                            if response.status_code in (401, 403) else "")
-                    raise TeacherError(f"{self.url}{path} refused the call ({response.status_code}): {message}.{hint}")
-                last = f"{response.status_code}: {message}"
+                            if status in (401, 403) else "")
+                    raise TeacherError(f"{self.url}{path} refused the call ({status}): {message}.{hint}")
+                last = f"{status}: {message}"
                 wait = retry_after(response.headers)
                 if wait is not None and wait > s.max_retry_after_s:
                     self._count("failed")
@@ -161,7 +162,7 @@ class HttpTeacher(BaseTeacher):
             finally:
                 if self.limiter is not None:
                     self.limiter.release()
-            if wait is not None and response.status_code == 429:
+            if wait is not None and status == 429:
                 pause = wait + self._local.rng.uniform(0.0, wait)
                 if waited + pause > s.max_retry_after_s:
                     self._count("failed")

@@ -172,19 +172,12 @@ class TuneSettings:
 
 def trial_bundles(config: GDFOConfig, trial_cpus: float, trial_gpus: float) -> list[dict]:
     """The placement group of one trial: the trial itself, then one bundle per actor it starts."""
-    p = config.pool
-    if p.backend == "local":
+    if config.pool.backend == "local":
         return [{"CPU": trial_cpus, **({"GPU": trial_gpus} if trial_gpus else {})}]
-    from gdfo_ray.distributed import student_gpus
+    from gdfo_ray.distributed import actor_bundles
 
-    head = {"CPU": min(trial_cpus, 1.0)}
-    teacher = {"CPU": p.teacher_num_cpus, **({"GPU": p.teacher_num_gpus} if p.teacher_num_gpus else {}),
-               **p.teacher_resources}
-    bundles = [head] + [teacher] * p.n_teacher_actors
-    if config.uses_student:
-        gpus = student_gpus(p)
-        bundles += [{"CPU": p.student_num_cpus, **({"GPU": gpus} if gpus else {})}] * p.n_student_workers
-    return [{k: v for k, v in b.items() if v} or {"CPU": 0.01} for b in bundles]
+    bundles = [{"CPU": min(trial_cpus, 1.0)}] + actor_bundles(config)
+    return [b or {"CPU": 0.01} for b in bundles]
 
 
 class SharedBudget:
