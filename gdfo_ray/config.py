@@ -271,7 +271,8 @@ class StudentConfig:
             a student one generation behind; it pays where the student and the teacher
             do not share processors (a GPU student, a remote teacher).
         max_rows_per_forward: rows per forward of the student. Small chunks of rows sorted by
-            length pad less: 16 made a K-step of 64 SST-2 rows 38% faster than 64 on a 2-core CPU.
+            length pad less: 16 made SST-2's 10 steps of 64 rows 29% faster than 64 on a 2-core CPU
+            (benchmarks/fidelity.py).
         fidelity_rows: train rows on which the student's predicted fitness of a population is
             compared with the teacher's (a fixed random subset per run; all rows when there are
             fewer). Predicting a population is a diagnostic: on DBPedia's 224 rows it would cost
