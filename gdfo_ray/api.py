@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from gdfo_ray.config import GDFOConfig, flatten_config
+from gdfo_ray.config import EVALUATION_ONLY_KEYS, GDFOConfig, flatten_config
 from gdfo_ray.driver import Driver
 from gdfo_ray.exceptions import ResumeError
 from gdfo_ray.losses import metric
@@ -86,7 +86,7 @@ def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool)
     current = config.to_dict()
     flat_saved, flat_now = flatten_config(saved), flatten_config(current)
     differs = sorted(k for k in flat_now if flat_saved.get(k) != flat_now.get(k)
-                     and k not in ("output_dir",) and not k.startswith(("pool.", "service.")))
+                     and k not in ("output_dir", *EVALUATION_ONLY_KEYS) and not k.startswith(("pool.", "service.")))
     if differs:
         raise ResumeError(
             f"Cannot resume {out}: the config differs from the saved run in {differs}. Either resume with "

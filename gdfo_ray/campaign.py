@@ -174,17 +174,27 @@ def _check_finished_config(results_dir: str, cell: Cell) -> None:
     """A finished cell is only skipped if it ran with the config asked for now."""
     import pyarrow.parquet as pq
 
-    saved = json.loads(pq.read_table(cell_path(results_dir, "cells", cell), columns=["config_json"])[0][0].as_py())
+    table = pq.read_table(cell_path(results_dir, "cells", cell))
+    saved = json.loads(table.column("config_json")[0].as_py())
     current = json.loads(json.dumps(cell.config.to_dict()))
     ignore = ("pool.", "service.", "output_dir")
     flat_saved, flat_now = flatten_config(saved), flatten_config(current)
     # A key the saved config lacks came with a later version of gdfo-ray; its default reproduces the old run.
     differs = sorted(k for k in flat_saved if flat_saved[k] != flat_now.get(k) and not k.startswith(ignore))
+    labels = table.column("test_label")[0].as_py() if "test_label" in table.column_names else None
+    if labels is not None and _cap_never_reached(len(labels), flat_saved.get("task.max_test_examples"),
+                                                 flat_now.get("task.max_test_examples")):
+        differs = [k for k in differs if k != "task.max_test_examples"]
     if differs:
         raise ConfigError(
             f"bench: {cell.name} already finished in {results_dir} with a different config ({differs}). "
             "Either rerun with the same settings, or use another results directory."
         )
+
+
+def _cap_never_reached(n_scored: int, saved_cap: Optional[int], cap_now: Optional[int]) -> bool:
+    """Whether a test set of ``n_scored`` rows, scored in full before, would be scored in full again."""
+    return (saved_cap is None or n_scored < saved_cap) and (cap_now is None or n_scored <= cap_now)
 
 
 def run_cell(config_dict: dict) -> dict:

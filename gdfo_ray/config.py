@@ -531,6 +531,10 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
     return out
 
 
+# Keys read only when the test set is scored, after the search: a run may resume with another value.
+EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
+
+
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict:
     """A nested config dict as ``{dotted.key: value}`` (the free-form mappings stay values)."""
     out = {}

@@ -45,6 +45,17 @@ def test_existing_run_is_not_overwritten_silently(tiny_config):
         run(config.with_overrides({"search.popsize": 6}), resume=True, progress=None)
 
 
+def test_resume_may_change_only_how_many_test_rows_are_scored(tiny_config):
+    config = tiny_config(method="bbt")
+    first = run(config, progress=None)
+    rows = len(np.load(os.path.join(first.output_dir, "test_predictions.npz"))["label"])
+    assert rows > 2
+    capped = run(config.with_overrides({"task.max_test_examples": 2}), resume=True, progress=None)
+    assert len(np.load(os.path.join(first.output_dir, "test_predictions.npz"))["label"]) == 2
+    assert [capped.summary[k] for k in ("calls", "generations")] == [first.summary[k] for k in ("calls", "generations")]
+    np.testing.assert_allclose(capped.best_z, first.best_z)
+
+
 class _Crash(Exception):
     pass
 

@@ -93,6 +93,16 @@ def test_a_finished_cell_with_another_config_is_refused(finished, tiny_models, c
         run_campaign(changed, say=lambda _: None)
 
 
+def test_a_test_cap_the_finished_cells_never_reached_keeps_them(finished, tiny_models, campaign_data):
+    campaign, _, _ = finished
+    base = {**campaign.base, "task": {**campaign.base["task"], "max_test_examples": 100}}  # test sets hold 8 rows
+    again = run_campaign(_campaign(campaign.results_dir, tiny_models, campaign_data, base=base), say=lambda _: None)
+    assert len(again.skipped) == 8 and not again.finished
+    base["task"]["max_test_examples"] = 4  # would score fewer rows than the finished cells did
+    with pytest.raises(ConfigError, match=r"task.max_test_examples"):
+        run_campaign(_campaign(campaign.results_dir, tiny_models, campaign_data, base=base), say=lambda _: None)
+
+
 def test_a_failing_cell_is_recorded_and_the_others_finish(local_ray, tiny_models, campaign_data, tmp_path):
     campaign = _campaign(tmp_path, tiny_models, campaign_data, tasks=("sst2", "no_such_task"), seeds=(42,),
                          methods=("manual",))
