@@ -85,8 +85,10 @@ def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool)
     saved = checkpoint["config"]
     current = config.to_dict()
     flat_saved, flat_now = flatten_config(saved), flatten_config(current)
+    # Settings that cannot change what the run computes: where it runs, test-row caps, and a student it never builds.
+    free = ("pool.", "service.") + (() if config.uses_student else ("student.",))
     differs = sorted(k for k in flat_now if flat_saved.get(k) != flat_now.get(k)
-                     and k not in ("output_dir", *EVALUATION_ONLY_KEYS) and not k.startswith(("pool.", "service.")))
+                     and k not in ("output_dir", *EVALUATION_ONLY_KEYS) and not k.startswith(free))
     if differs:
         raise ResumeError(
             f"Cannot resume {out}: the config differs from the saved run in {differs}. Either resume with "

@@ -45,7 +45,7 @@ def test_existing_run_is_not_overwritten_silently(tiny_config):
         run(config.with_overrides({"search.popsize": 6}), resume=True, progress=None)
 
 
-def test_resume_may_change_only_how_many_test_rows_are_scored(tiny_config):
+def test_resume_may_change_only_what_cannot_change_the_search(tiny_config, tmp_path):
     config = tiny_config(method="bbt")
     first = run(config, progress=None)
     rows = len(np.load(os.path.join(first.output_dir, "test_predictions.npz"))["label"])
@@ -54,6 +54,12 @@ def test_resume_may_change_only_how_many_test_rows_are_scored(tiny_config):
     assert len(np.load(os.path.join(first.output_dir, "test_predictions.npz"))["label"]) == 2
     assert [capped.summary[k] for k in ("calls", "generations")] == [first.summary[k] for k in ("calls", "generations")]
     np.testing.assert_allclose(capped.best_z, first.best_z)
+    # bbt builds no student: its settings do not matter to the run, so they cannot block its resume.
+    run(config.with_overrides({"student.k_steps": 7}), resume=True, progress=None)
+    kd = tiny_config(method="kd", output_dir=str(tmp_path / "kd"))
+    run(kd, progress=None)
+    with pytest.raises(ResumeError, match=r"saved run in \['student.k_steps'\]"):
+        run(kd.with_overrides({"student.k_steps": 7}), resume=True, progress=None)
 
 
 class _Crash(Exception):
