@@ -351,13 +351,27 @@ def _setting(rows: list[dict]) -> str:
         f"popsize {values(lambda c: c['search']['popsize'] or 'auto')}, d = "
         f"{values(lambda c: c['prompt']['intrinsic_dim'])}, n = {values(lambda c: c['prompt']['n_prompt_tokens'])} "
         f"prompt tokens, prompt placement {values(lambda c: c['task']['prompt_placement'])}",
-        f"- seeds: {seeds}; test rows per task at most "
-        f"{values(lambda c: c['task']['max_test_examples'] or 'all')}",
+        f"- seeds: {seeds}; {_test_rows(rows)}",
         f"- {len(rows)} cells, {sum(r['wall_s'] for r in rows) / 3600:.2f} h of cell time in "
         f"{(end - start) / 3600:.2f} h of wall-clock time; gdfo-ray "
         f"{versions.get('gdfo_ray')}, torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
         f"ray {versions.get('ray')}",
     ])
+
+
+def _test_rows(rows: list[dict]) -> str:
+    """How many test rows each task's cells scored, and whether that was a sample."""
+    if any(r.get("test_label") is None for r in rows):  # cells from before per-row answers were kept
+        caps = sorted({str(json.loads(r["config_json"])["task"]["max_test_examples"] or "all") for r in rows})
+        return f"test rows per task at most {', '.join(caps)}"
+    parts = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        cells = [r for r in rows if r["task"] == task]
+        counts = sorted({len(r["test_label"]) for r in cells})
+        sampled = any("test subsampled" in json.loads(r["summary_json"]).get("data_source", "") for r in cells)
+        parts.append(f"{TASK_TITLES.get(task, task)} {'/'.join(f'{n:,}' for n in counts)}"
+                     f"{' (a seeded sample of the test set per seed: task.max_test_examples)' if sampled else ' (all)'}")
+    return "test rows scored: " + "; ".join(parts)
 
 
 def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:

@@ -111,3 +111,18 @@ def test_calls_to_reach_pairs_seeds_and_counts_those_that_never_do():
 def test_a_pair_with_one_seed_says_its_interval_covers_test_rows_only():
     rows = [_pred_row("sst2", "gdfo", 1, [1] * 60 + [0] * 40), _pred_row("sst2", "bbt", 1, [1] * 50 + [0] * 50)]
     assert "(1 seed: test rows only)" in paired_table(rows, n_boot=100)
+
+
+def test_report_says_how_many_test_rows_each_task_scored_and_which_were_sampled():
+    import json
+
+    from gdfo_ray.report import _test_rows
+
+    def cell(task, n, source):
+        return {**_pred_row(task, "bbt", 1, [True] * n), "config_json": json.dumps({"task": {"max_test_examples": 5}}),
+                "summary_json": json.dumps({"data_source": source})}
+
+    rows = [cell("sst2", 3, "bbt dir"), cell("ag_news", 5, "bbt dir (test subsampled to 5 rows, seed 13)")]
+    assert _test_rows(rows) == ("test rows scored: SST-2 3 (all); AG News 5 "
+                                "(a seeded sample of the test set per seed: task.max_test_examples)")
+    assert _test_rows([{**rows[0], "test_label": None}]) == "test rows per task at most 5"
