@@ -130,6 +130,18 @@ def linear_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 1
     return np.asarray(fid)
 
 
+def search_progress(traj: dict, labels: np.ndarray, loss: str) -> str:
+    """The recorded search itself: how wide its populations are and how far it got on the train batch.
+
+    Fidelity depends on the step size; this says what a smaller step costs the search.
+    """
+    radius = [float(np.linalg.norm(Z - Z.mean(0), axis=1).mean()) for Z in traj["Z"]]
+    best_loss = min(float(fitness(logits, labels, loss).min()) for logits in traj["logits"])
+    best_acc = max(float((logits.argmax(-1) == labels).mean(axis=1).max()) for logits in traj["logits"])
+    return (f"population radius in z {radius[0]:.1f} -> {radius[-1]:.1f}; best train loss {best_loss:.3f}, "
+            f"best train accuracy {best_acc:.0%} after {sum(len(Z) for Z in traj['Z'])} calls")
+
+
 def calibration_order(traj: dict, labels: np.ndarray, loss: str) -> np.ndarray:
     """Per generation: Spearman of fitness against how far the population's mean logits lean to one class.
 
@@ -226,6 +238,8 @@ def main(argv=None) -> int:
             f = f[np.isfinite(f)]
             print(f"| {task} | {seed} | (per-example logits linear in z, no student) | {np.median(f):+.3f} | "
                   f"{np.mean(f > 0):.0%} | {teacher_s:.2f} | – |", flush=True)
+            print(f"| {task} | {seed} | (the search: {search_progress(traj, data.train.label, loss)}) "
+                  "| | | | |", flush=True)
             c = calibration_order(traj, data.train.label, loss)
             half = len(c) // 2
             print(f"| {task} | {seed} | (order explained by calibration: fitness vs class lean, first / second "
