@@ -21,7 +21,7 @@ run: setup
 	$(BIN)/gdfo run --overwrite
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -X faulthandler -m pytest
 
 bench: setup
 	$(BIN)/python benchmarks/compare_methods.py

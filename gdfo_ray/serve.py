@@ -376,7 +376,7 @@ class ModelScorer:
     def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-        self._model_thread.shutdown(wait=False)
+        self._model_thread.shutdown(wait=True)  # a forward in flight finishes; no thread outlives the service
 
 
 def make_scorer(config: ServeConfig):
@@ -601,9 +601,13 @@ def start_in_thread(config: ServeConfig, scorer=None) -> ServerHandle:
         except BaseException as e:  # reported to the caller below
             started["error"] = e
             ready.set()
+            loop.close()
             return
         ready.set()
         loop.run_forever()
+        # Stopped: join the loop's worker threads, so that none is left running at interpreter exit.
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
     thread = threading.Thread(target=main, name="gdfo-serve", daemon=True)
     thread.start()

@@ -230,3 +230,15 @@ def test_a_replayed_key_is_answered_from_memory_without_a_rate_limit_slot():
     assert (first.status_code, again.status_code, other.status_code) == (200, 200, 429)
     assert again.json() == first.json() and stats["billed"] == 1 and stats["replayed"] == 1
     assert 0 < int(other.headers["Retry-After-Ms"]) <= 1000 and other.headers["Retry-After"] == "1"
+
+
+def test_a_stopped_service_leaves_no_thread_of_its_own_running(tiny_models):
+    """Threads left behind would still run while the interpreter exits (tests, notebooks, benchmarks)."""
+    import threading
+
+    before = set(threading.enumerate())
+    with start_in_thread(ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1,
+                                     dtype="float32")) as s:
+        assert _post(s, "/v1/score", _body()).status_code == 200
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == [], f"threads still running after stop(): {left}"

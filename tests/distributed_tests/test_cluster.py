@@ -26,6 +26,9 @@ def three_nodes():
     finally:
         ray.shutdown()
         cluster.shutdown()
+        # Cluster.shutdown() leaves its state accessor connected: its gRPC and io threads would then
+        # outlive the test, still running while the interpreter exits.
+        cluster.global_state.disconnect()
 
 
 def _cluster_config(tiny_config, **overrides):
