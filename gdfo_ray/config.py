@@ -280,6 +280,11 @@ class StudentConfig:
         z_shift: add to the student's logits a class shift linear in z (``z U``, U of d x C),
             trained with the projection: the part of the teacher's response to z that all
             examples share, learnt from few candidates.
+        text_cache: the student reads each example's text apart from the prompt: its
+            template puts the text first, the text's tokens attend only to each other, and
+            the prompt and the label slot attend to them. The text's states are then the
+            same for every candidate, computed once per run, and each step runs only the
+            prompt and the few tokens after it. Needs a frozen body (``train_body=false``).
     """
 
     k_steps: int = 10
@@ -296,6 +301,7 @@ class StudentConfig:
     z_shift: bool = False
     max_rows_per_forward: int = 16
     fidelity_rows: int = 32
+    text_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_int("student.k_steps", self.k_steps, 0)
@@ -309,6 +315,11 @@ class StudentConfig:
         _check_int("student.max_rows_per_forward", self.max_rows_per_forward, 1)
         _check_int("student.fidelity_rows", self.fidelity_rows, 2)
         _check_choice("student.precision", self.precision, ("auto", "float32", "bfloat16"))
+        if self.text_cache and self.train_body:
+            raise ConfigError(
+                "student.text_cache reuses the text's states computed once by a frozen body, so it cannot be "
+                "combined with student.train_body=true; set student.text_cache=false to train the body."
+            )
 
 
 @dataclass(frozen=True)

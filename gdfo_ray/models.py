@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gdfo_ray.exceptions import ConfigError, ModelNotFoundError
-from gdfo_ray.tasks import Split, TaskSpec
+from gdfo_ray.tasks import Split, TaskSpec, text_first_template
 
 CACHE_ENV = "GDFO_CACHE_DIR"
 
@@ -267,16 +267,23 @@ class PromptedLM(nn.Module):
 
     ``readout="verbalizer"`` scores the verbalizer tokens with the LM head at the slot
     (teacher, or an LM student); ``readout="linear"`` puts a trainable C x h head on
-    the slot's hidden state (an encoder student).
+    the slot's hidden state (an encoder student). ``separate_text`` reads each example
+    apart from the prompt (:func:`~gdfo_ray.tasks.text_first_template`), so that the
+    text's states can be cached (:meth:`cache_prefixes`) even in an encoder.
     """
 
     def __init__(self, tokenizer, model, kind: str, spec: TaskSpec, readout: str, model_name: str,
-                 max_text_tokens: int = 128, max_rows_per_forward: int = 256):
+                 max_text_tokens: int = 128, max_rows_per_forward: int = 256, separate_text: bool = False):
         super().__init__()
         self.tokenizer, self.model, self.kind, self.spec = tokenizer, model, kind, spec
         self.max_text_tokens = max_text_tokens
         self.max_rows = max_rows_per_forward
+        # The text first and the tokens before {prompt} attending only to each other, as in a causal LM:
+        # for an encoder a different model from the plain one, whose text tokens see the prompt.
+        self.separate_text = separate_text
         self.template = spec.template_for(kind)
+        if separate_text:
+            self.template = text_first_template(self.template)
         self.embeddings = model.get_input_embeddings()
         self.hidden_size = self.embeddings.weight.shape[1]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -299,12 +306,13 @@ class PromptedLM(nn.Module):
     def cache_prefixes(self, splits: Sequence[str]) -> None:
         """Reuse the key/value states of the tokens before ``{prompt}`` on these splits.
 
-        For a causal LM those tokens never see the prompt, so their states are the
-        same in every call: computed once, each call then runs only the prompt and
-        the tokens after it. It pays when the template puts the prompt after the
-        text (``task.prompt_placement="suffix"``); the weights must stay frozen.
+        For a causal LM (or an encoder built with ``separate_text``) those tokens never
+        see the prompt, so their states are the same in every call: computed once, each
+        call then runs only the prompt and the tokens after it. It pays when the template
+        puts the prompt after the text (``task.prompt_placement="suffix"``); the weights
+        must stay frozen.
         """
-        if self.kind == "causal_lm":
+        if self.kind == "causal_lm" or self.separate_text:
             self.cached_splits = set(splits)
 
     @property
@@ -322,7 +330,8 @@ class PromptedLM(nn.Module):
         """Scores of R rows: ``prompts`` (R, n, h) with ``rows`` (R,) example indices -> (R, C)."""
         enc = self.encoded[split]
         if split in self.cached_splits and split not in self._prefix_kv:  # decided once per split
-            self._prefix_kv[split] = self._compute_prefix_kv(enc) if self._prefix_pays(enc) else None
+            pays = self.separate_text or self._prefix_pays(enc)
+            self._prefix_kv[split] = self._compute_prefix_kv(enc) if pays else None
         return self.score(prompts, rows, enc, prefix_kv=self._prefix_kv.get(split), deep=deep)
 
     def score(self, prompts: torch.Tensor, rows: np.ndarray, enc: EncodedSplit, prefix_kv=None,
@@ -337,10 +346,15 @@ class PromptedLM(nn.Module):
             index = torch.as_tensor(chunk)
             chunk_prompts, chunk_rows = prompts[index], [rows[i] for i in chunk]
             chunk_deep = None if deep is None else deep.values[deep.owner[index]]
-            if prefix_kv is None:
-                scores = self._forward_chunk(chunk_prompts, chunk_rows, enc, chunk_deep)
-            else:
+            if prefix_kv is not None:
                 scores = self._forward_chunk_cached(chunk_prompts, chunk_rows, enc, prefix_kv, chunk_deep)
+            elif self.separate_text:  # a split not cached: its rows' text states, computed for this chunk
+                unique, at = np.unique(chunk_rows, return_inverse=True)
+                chunk_kv = self._compute_prefix_kv(enc, unique.tolist())
+                scores = self._forward_chunk_cached(chunk_prompts, chunk_rows, enc, chunk_kv, chunk_deep,
+                                                    kv_rows=at.reshape(-1))
+            else:
+                scores = self._forward_chunk(chunk_prompts, chunk_rows, enc, chunk_deep)
             for j, i in enumerate(chunk):
                 out[i] = scores[j]
         return torch.stack(out)
@@ -440,27 +454,39 @@ class PromptedLM(nn.Module):
         lengths = [len(b) for b in enc.before]
         return min(lengths) >= 1 and float(np.mean(lengths)) >= 4
 
-    def _compute_prefix_kv(self, enc: EncodedSplit) -> tuple:
-        """Keys and values of every example's tokens before the prompt, right-padded to the longest."""
-        lengths = torch.as_tensor([len(b) for b in enc.before], device=self.device)
+    def _compute_prefix_kv(self, enc: EncodedSplit, rows: "Sequence[int] | None" = None) -> tuple:
+        """Keys and values of the tokens before the prompt of ``rows`` (default: all), right-padded to the longest.
+
+        The result is indexed by position in ``rows``.
+        """
+        from transformers import DynamicCache
+
+        before = enc.before if rows is None else [enc.before[r] for r in rows]
+        lengths = torch.as_tensor([len(b) for b in before], device=self.device)
         width = int(lengths.max())
         tables: list = []
         with torch.no_grad():
-            for start in range(0, len(enc.before), self.max_rows):
-                ids, mask = self._padded(enc.before[start:start + self.max_rows], width)
-                out = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
-                tables.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+            for start in range(0, len(before), self.max_rows):
+                ids, mask = self._padded(before[start:start + self.max_rows], width)
+                # An encoder keeps no cache of its own (use_cache is for decoders), but fills one it is given.
+                cache = DynamicCache()
+                self.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+                tables.append([(layer.keys, layer.values) for layer in cache.layers])
         layers = [(torch.cat([t[i][0] for t in tables]), torch.cat([t[i][1] for t in tables]))
                   for i in range(len(tables[0]))]
         return lengths, layers
 
     def _forward_chunk_cached(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit, prefix_kv,
-                              deep: "torch.Tensor | None" = None) -> torch.Tensor:
-        """The prompt and the tokens after it, attending to the cached prefix of each row's example."""
+                              deep: "torch.Tensor | None" = None, kv_rows: "np.ndarray | None" = None
+                              ) -> torch.Tensor:
+        """The prompt and the tokens after it, attending to the cached prefix of each row's example.
+
+        ``kv_rows`` locates each row's prefix in ``prefix_kv`` (default: its example index).
+        """
         from transformers import DynamicCache
 
         lengths, layers = prefix_kv
-        index = torch.as_tensor(rows, device=self.device)
+        index = torch.as_tensor(rows if kv_rows is None else kv_rows, device=self.device)
         prefix = lengths[index]
         width = int(prefix.max())
         n, r = prompts.shape[1], len(rows)
@@ -542,12 +568,13 @@ def resolve_dtype(requested: str, device: torch.device) -> str:
 
 def build_prompted_lm(name: str, kind: str, spec: TaskSpec, splits: dict, *, readout: str, dtype: str,
                       device: str, max_text_tokens: int, max_rows_per_forward: int,
-                      need_lm_head: bool) -> PromptedLM:
+                      need_lm_head: bool, separate_text: bool = False) -> PromptedLM:
     dtype = resolve_dtype(dtype, pick_device(device))
     tokenizer, model, kind = load_lm(name, kind, dtype, need_lm_head=need_lm_head)
     if readout == "auto":
         readout = "linear" if kind == "encoder" else "verbalizer"
-    lm = PromptedLM(tokenizer, model, kind, spec, readout, name, max_text_tokens, max_rows_per_forward)
+    lm = PromptedLM(tokenizer, model, kind, spec, readout, name, max_text_tokens, max_rows_per_forward,
+                    separate_text=separate_text)
     for split_name, split in splits.items():
         lm.add_split(split_name, split)
     return lm.to(pick_device(device))

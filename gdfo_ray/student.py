@@ -100,7 +100,10 @@ class StudentModel(nn.Module):
             {"train": data.train, "dev": data.dev, "test": data.test}, readout="auto", dtype="float32",
             device=config.model.device, max_text_tokens=config.task.max_text_tokens,
             max_rows_per_forward=config.student.max_rows_per_forward, need_lm_head=False,
+            separate_text=config.student.text_cache,
         )
+        # Every step and prediction of a run reads the train batch; other splits are read once or twice.
+        self.lm.cache_prefixes(["train"])
         d, n, h = config.prompt.intrinsic_dim, config.prompt.n_prompt_tokens, self.lm.hidden_size
         gen = torch.Generator().manual_seed(config.seed + 1)
         std = config.prompt.alpha * self.lm.embedding_std() / np.sqrt(d)

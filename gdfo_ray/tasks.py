@@ -177,6 +177,22 @@ def move_prompt_after_text(template: str) -> str:
     return (rest[:last] + " {prompt}" + rest[last:]).strip()
 
 
+def text_first_template(template: str) -> str:
+    """The template's words and text fields in their order, then ``{prompt}``, then the label slot.
+
+    The form in which everything before the prompt is the example alone, so its states can
+    be computed once, apart from the prompt (a student with ``student.text_cache``), and
+    each candidate runs only the prompt and the slot.
+
+    >>> text_first_template("{prompt} . {text} . It was {mask} .")
+    '. {text} . It was . {prompt} {mask}'
+    >>> text_first_template("{prompt} . {text} ? {mask} , {text_pair}")
+    '. {text} ? , {text_pair} {prompt} {mask}'
+    """
+    words = " ".join(template.replace("{prompt}", " ").replace("{mask}", " ").split())
+    return f"{words} {{prompt}} {{mask}}"
+
+
 def validate_template(template: str, pair: bool) -> None:
     for slot in ("{prompt}", "{text}", "{mask}"):
         if template.count(slot) != 1:

@@ -14,6 +14,7 @@ from gdfo_ray import ConfigError, GDFOConfig
     ({"search": {"cma_options": {"popsize": 3}}}, "configured by their own fields"),
     ({"harmonize": {"gamma": 1.5}}, r"harmonize.gamma must be in \[0, 1\]"),
     ({"harmonize": {"control": "zero"}}, "harmonize.control"),
+    ({"student": {"train_body": True}}, "student.text_cache=false to train the body"),
     ({"pool": {"backend": "spark"}}, "pool.backend"),
     ({"model": {"teacher_kind": "seq2seq"}}, "model.teacher_kind"),
     ({"model": {"device": "tpu"}}, "model.device"),

@@ -160,3 +160,55 @@ def test_bfloat16_student_arithmetic_stays_within_the_stated_tolerance(tiny_conf
     _, g_full = full.grad_z(z)
     _, g_half = half.grad_z(z)
     np.testing.assert_allclose(g_half, g_full, rtol=1e-5, atol=1e-7)  # gradients always in float32
+    # By default both read the train texts apart from the prompt, from states cached once (student.text_cache).
+    assert full.model.lm._prefix_kv.get("train") is not None and half.model.lm._prefix_kv.get("train") is not None
+
+
+def _separate_text_reference(lm, prompts: torch.Tensor, rows) -> torch.Tensor:
+    """The reference of ``separate_text``: the whole encoder, one row at a time, no cache, with a mask that
+    lets the text tokens (before the prompt) attend only to each other."""
+    enc, n, out = lm.encoded["train"], prompts.shape[1], []
+    for p, r in zip(prompts, rows):
+        nb = len(enc.before[r])
+        seq = torch.as_tensor(enc.before[r] + [lm.pad_id] * n + enc.after[r])[None]
+        embeds = lm.embeddings(seq).clone()
+        embeds[0, nb: nb + n] = p
+        length = seq.shape[1]
+        allowed = torch.ones(length, length, dtype=torch.bool)
+        allowed[:nb, nb:] = False
+        hidden = lm.model.base_model(inputs_embeds=embeds, attention_mask=allowed[None, None]).last_hidden_state
+        out.append(lm.head(hidden[0, nb + n + enc.slot[r]]))
+    return torch.stack(out)
+
+
+def test_an_encoder_reading_the_text_apart_from_the_prompt_equals_its_masked_full_model(tiny_models):
+    torch.manual_seed(0)
+    # Two layers (the tiny masked LM's body, read by a linear head): in one, no token's output reaches the slot.
+    kwargs = dict(readout="linear", dtype="float32", device="cpu", max_text_tokens=16, need_lm_head=False)
+    lm = build_prompted_lm(tiny_models["masked"], "auto", PRESETS["ag_news"], {"train": _split(), "dev": _split()},
+                           max_rows_per_forward=3, separate_text=True, **kwargs)
+    assert lm.template == ". News: {text} {prompt} {mask}"  # the text first, the slot after the prompt
+    with torch.no_grad():  # weights large enough that attention is far from uniform: the masks then matter
+        for p in lm.model.parameters():
+            p.normal_(0, 0.3)
+    lm.cache_prefixes(["train"])
+    prompts, rows = torch.randn(6, 3, lm.hidden_size) * 0.5, np.array([0, 1, 2, 2, 1, 0])
+    with torch.no_grad():
+        reference = _separate_text_reference(lm, prompts, rows)
+        cached = lm(prompts, rows, "train")
+        uncached = lm(prompts, rows, "dev")  # the same examples, their text states computed per chunk
+    assert lm._prefix_kv.get("train") is not None and "dev" not in lm._prefix_kv
+    torch.testing.assert_close(cached, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(uncached, reference, rtol=0, atol=1e-5)
+    # A different model from the plain encoder, whose text tokens see the prompt.
+    plain = build_prompted_lm(tiny_models["masked"], "auto", PRESETS["ag_news"], {"train": _split()},
+                              max_rows_per_forward=3, **kwargs)
+    plain.load_state_dict(lm.state_dict())
+    plain.encoded["train"] = lm.encoded["train"]
+    with torch.no_grad():
+        gap = (plain(prompts, rows, "train") - cached).abs().max()
+    assert gap > 1e-3  # a hundred times the tolerance the equalities above hold to
+    # The prompt still receives a gradient through the cached path.
+    prompts.requires_grad_(True)
+    lm(prompts, rows, "train").sum().backward()
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
