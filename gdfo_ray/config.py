@@ -545,6 +545,10 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
 # Keys read only when the test set is scored, after the search: a run may resume with another value.
 EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 
+# Settings added after runs were saved, with the value that reproduces what the code did before they existed.
+# A saved run's config without one of these keys is read as having that value (resume, campaigns).
+ADDED_SETTINGS: dict = {"student.text_cache": False}
+
 
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict:
     """A nested config dict as ``{dotted.key: value}`` (the free-form mappings stay values)."""

@@ -62,6 +62,26 @@ def test_resume_may_change_only_what_cannot_change_the_search(tiny_config, tmp_p
         run(kd.with_overrides({"student.k_steps": 7}), resume=True, progress=None)
 
 
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_the_old_behaviour(tiny_config, tmp_path):
+    import pickle
+
+    from gdfo_ray.api import CHECKPOINT
+
+    kd = tiny_config(method="kd", **{"student.text_cache": False})
+    run(kd, progress=None)
+    path = os.path.join(kd.output_dir, CHECKPOINT)
+    with open(path, "rb") as f:
+        checkpoint = pickle.load(f)
+    del checkpoint["config"]["student"]["text_cache"]  # as an older version saved it
+    with open(path, "wb") as f:
+        pickle.dump(checkpoint, f)
+    # Before student.text_cache existed the student read the text with the prompt: text_cache=false.
+    with pytest.raises(ResumeError, match=r"saved run in \['student.text_cache'\]"):
+        run(kd.with_overrides({"student.text_cache": True}), resume=True, progress=None)
+    run(kd, resume=True, progress=None)
+
+
 class _Crash(Exception):
     pass
 

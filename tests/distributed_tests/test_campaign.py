@@ -93,6 +93,31 @@ def test_a_finished_cell_with_another_config_is_refused(finished, tiny_models, c
         run_campaign(changed, say=lambda _: None)
 
 
+def test_cells_finished_before_a_setting_existed_match_only_its_old_behaviour(finished, tiny_models, campaign_data,
+                                                                               tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    campaign, _, _ = finished
+    results = str(tmp_path / "results")
+    shutil.copytree(campaign.results_dir, results)
+    for cell in plan(campaign):  # as an older gdfo-ray wrote them: no student.text_cache in the config
+        path = cell_path(results, "cells", cell)
+        table = pq.read_table(path)
+        config = json.loads(table.column("config_json")[0].as_py())
+        del config["student"]["text_cache"]
+        at = table.column_names.index("config_json")
+        pq.write_table(table.set_column(at, "config_json", pa.array([json.dumps(config)])), path)
+    with pytest.raises(ConfigError, match=r"student.text_cache"):  # the default now: not what those cells ran
+        run_campaign(_campaign(results, tiny_models, campaign_data), say=lambda _: None)
+    base = _campaign(results, tiny_models, campaign_data).base
+    old = {**base, "student": {**base["student"], "text_cache": False}}
+    again = run_campaign(_campaign(results, tiny_models, campaign_data, base=old), say=lambda _: None)
+    assert len(again.skipped) == 8 and not again.finished
+
+
 def test_a_test_cap_the_finished_cells_never_reached_keeps_them(finished, tiny_models, campaign_data):
     campaign, _, _ = finished
     base = {**campaign.base, "task": {**campaign.base["task"], "max_test_examples": 100}}  # test sets hold 8 rows
