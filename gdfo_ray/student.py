@@ -102,8 +102,10 @@ class StudentModel(nn.Module):
             max_rows_per_forward=config.student.max_rows_per_forward, need_lm_head=False,
             separate_text=config.student.text_cache,
         )
-        # Every step and prediction of a run reads the train batch; other splits are read once or twice.
-        self.lm.cache_prefixes(["train"])
+        if config.student.text_cache:
+            # Every step and prediction of a run reads the train batch; other splits are read once or twice.
+            # Only then: a causal-LM student would otherwise cache its text states even with a trained body.
+            self.lm.cache_prefixes(["train"])
         d, n, h = config.prompt.intrinsic_dim, config.prompt.n_prompt_tokens, self.lm.hidden_size
         gen = torch.Generator().manual_seed(config.seed + 1)
         std = config.prompt.alpha * self.lm.embedding_std() / np.sqrt(d)

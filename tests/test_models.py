@@ -212,3 +212,17 @@ def test_an_encoder_reading_the_text_apart_from_the_prompt_equals_its_masked_ful
     prompts.requires_grad_(True)
     lm(prompts, rows, "train").sum().backward()
     assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+
+
+def test_a_student_with_a_trained_body_caches_no_text_states(tiny_config, tiny_models):
+    from gdfo_ray.student import StudentTrainer
+    from gdfo_ray.tasks import load_task
+
+    # A causal-LM student with the prompt after the text: the one kind whose text states could be cached
+    # without student.text_cache, and must not be, since its body changes with every step.
+    config = tiny_config(**{"model.student": tiny_models["causal"], "task.prompt_placement": "suffix",
+                            "student.text_cache": False, "student.train_body": True})
+    data = load_task(config.task, config.seed)
+    trainer = StudentTrainer(config, data)
+    trainer.predict(np.zeros(config.prompt.intrinsic_dim), "train", np.arange(len(data.train)))
+    assert not trainer.model.lm.cached_splits and not trainer.model.lm._prefix_kv
