@@ -49,6 +49,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def trajectory_path(config: GDFOConfig, calls: int, cache: str) -> str:
+    """The cache file of a recorded trajectory: it depends on the teacher, the task and the search."""
+    key = zlib.crc32(json.dumps([str(config.model), str(config.task), str(config.search),
+                                 str(config.prompt)]).encode())
+    return os.path.join(cache, f"{config.task.name}_{config.seed}_{calls}_{key:08x}.npz")
+
+
 def record(config: GDFOConfig, calls: int, path: str) -> dict:
     """The teacher's answers along one CMA-ES trajectory (cached: the teacher is the slow part)."""
     if os.path.exists(path):
@@ -219,10 +226,7 @@ def main(argv=None) -> int:
             base = apply_overrides(GDFOConfig().to_dict(), {"task.name": task, "task.prompt_placement": "suffix",
                                                             "seed": seed, "method": "gdfo", **common})
             config = GDFOConfig.from_dict(base)
-            # The trajectory depends on the teacher, the task and the search: its file says which.
-            key = zlib.crc32(json.dumps([str(config.model),
-                                         str(config.task), str(config.search), str(config.prompt)]).encode())
-            traj = record(config, args.calls, os.path.join(args.cache, f"{task}_{seed}_{args.calls}_{key:08x}.npz"))
+            traj = record(config, args.calls, trajectory_path(config, args.calls, args.cache))
             teacher_s = float(np.median(traj["teacher_s"]))
             data = load_task(config.task, config.seed)
             f = linear_surrogate(traj, data.train.label, config.search.loss or data.spec.loss)[args.skip_first:]

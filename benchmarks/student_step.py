@@ -13,7 +13,6 @@ falls on both alike. Example::
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
@@ -22,10 +21,13 @@ import numpy as np
 import torch
 
 from gdfo_ray import GDFOConfig
+from gdfo_ray.cli import parse_sets
 from gdfo_ray.config import apply_overrides
 from gdfo_ray.losses import fitness
 from gdfo_ray.student import ReplayBuffer, StudentTrainer
 from gdfo_ray.tasks import load_task
+
+from fidelity import trajectory_path  # a sibling script: benchmarks/ is on sys.path when this one runs
 
 
 def main(argv=None) -> int:
@@ -35,18 +37,17 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=68, help="which recorded trajectory (fidelity.py --calls)")
     p.add_argument("--cache", default="runs/fidelity_cache")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--set", action="append", default=[], help="key=value (student settings, e.g. student.text_cache=false)")
+    p.add_argument("--set", action="append", default=[],
+                   help="key=value, as gdfo run --set (e.g. student.text_cache=false)")
     args = p.parse_args(argv)
-    overrides = {"task.name": args.task, "task.prompt_placement": "suffix", "seed": args.seed, "method": "gdfo"}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+    overrides = {"task.name": args.task, "task.prompt_placement": "suffix", "seed": args.seed, "method": "gdfo",
+                 **parse_sets(args.set)}
     config = GDFOConfig.from_dict(apply_overrides(GDFOConfig().to_dict(), overrides))
-    found = sorted(glob.glob(os.path.join(args.cache, f"{args.task}_{args.seed}_{args.calls}_*.npz")))
-    if not found:
-        p.error(f"no trajectory {args.task}_{args.seed}_{args.calls}_*.npz in {args.cache}: run benchmarks/fidelity.py "
-                f"--tasks {args.task} --seeds {args.seed} --calls {args.calls} first")
-    traj = dict(np.load(found[0]))
+    path = trajectory_path(config, args.calls, args.cache)
+    if not os.path.exists(path):
+        p.error(f"no trajectory {path}: run benchmarks/fidelity.py --tasks {args.task} --seeds {args.seed} "
+                f"--calls {args.calls} first")
+    traj = dict(np.load(path))
     data = load_task(config.task, config.seed)
     trainer = StudentTrainer(config, data)
     buffer, rng = ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seed)
@@ -56,24 +57,17 @@ def main(argv=None) -> int:
     cfg = config.student
     batches = [buffer.sample(cfg.batch_rows, rng, labels) for _ in range(cfg.k_steps)]
     trainer.train_steps(batches[:2])  # warm-up: allocator, kernels
-
-    def bfloat16_forward(model, z, rows, split):
-        prompts = model.P0.unsqueeze(0) + (z @ model.A).view(-1, model.n, model.h)
-        with torch.autocast(model.lm.device.type, dtype=torch.bfloat16):
-            return model.lm(prompts, rows, split).float() + z @ model.U
-
-    model_cls = type(trainer.model)
-    plain_forward = model_cls.forward
+    model, predictions_autocast = trainer.model, trainer.model.autocast
     times: dict = {"float32": [], "bfloat16": []}
     try:
         for _ in range(args.repeats):
-            for name, forward in (("float32", plain_forward), ("bfloat16", bfloat16_forward)):
-                model_cls.forward = forward
+            for name in times:
+                model.autocast = model.autocast_training = name == "bfloat16"
                 t0 = time.perf_counter()
                 trainer.train_steps(batches)
                 times[name].append(time.perf_counter() - t0)
     finally:
-        model_cls.forward = plain_forward
+        model.autocast, model.autocast_training = predictions_autocast, False
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

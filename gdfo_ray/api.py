@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from gdfo_ray.config import ADDED_SETTINGS, EVALUATION_ONLY_KEYS, GDFOConfig, flatten_config
+from gdfo_ray.config import EVALUATION_ONLY_KEYS, GDFOConfig, flatten_config, flatten_saved_config
 from gdfo_ray.driver import Driver
 from gdfo_ray.exceptions import ResumeError
 from gdfo_ray.losses import metric
@@ -84,7 +84,7 @@ def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool)
         checkpoint = pickle.load(f)
     saved = checkpoint["config"]
     current = config.to_dict()
-    flat_saved, flat_now = {**ADDED_SETTINGS, **flatten_config(saved)}, flatten_config(current)
+    flat_saved, flat_now = flatten_saved_config(saved), flatten_config(current)
     # Settings that cannot change what the run computes: where it runs, test-row caps, and a student it never builds.
     free = ("pool.", "service.") + (() if config.uses_student else ("student.",))
     differs = sorted(k for k in flat_now if flat_saved.get(k) != flat_now.get(k)

@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gdfo_ray.config import ADDED_SETTINGS, METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config
+from gdfo_ray.config import (METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config,
+                             flatten_saved_config)
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 SPLIT_SEED_MODES = ("match", "auto")
@@ -180,7 +181,7 @@ def _check_finished_config(results_dir: str, cell: Cell) -> None:
     ignore = ("pool.", "service.", "output_dir")
     # A key the saved config lacks came with a later version of gdfo-ray: ADDED_SETTINGS says the value that
     # reproduces the old run where the new default does not; otherwise the default does.
-    flat_saved, flat_now = {**ADDED_SETTINGS, **flatten_config(saved)}, flatten_config(current)
+    flat_saved, flat_now = flatten_saved_config(saved), flatten_config(current)
     differs = sorted(k for k in flat_saved if flat_saved[k] != flat_now.get(k) and not k.startswith(ignore))
     labels = table.column("test_label")[0].as_py() if "test_label" in table.column_names else None
     if labels is not None and _cap_never_reached(len(labels), flat_saved.get("task.max_test_examples"),

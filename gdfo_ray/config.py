@@ -546,8 +546,12 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
 EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 
 # Settings added after runs were saved, with the value that reproduces what the code did before they existed.
-# A saved run's config without one of these keys is read as having that value (resume, campaigns).
 ADDED_SETTINGS: dict = {"student.text_cache": False}
+
+
+def flatten_saved_config(saved: Mapping[str, Any]) -> dict:
+    """A saved run's config flattened, a setting added since it was saved read as :data:`ADDED_SETTINGS` says."""
+    return {**ADDED_SETTINGS, **flatten_config(saved)}
 
 
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict:

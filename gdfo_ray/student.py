@@ -122,11 +122,12 @@ class StudentModel(nn.Module):
         # Only predictions (no gradient) may run in bfloat16: on a 2-core AMX CPU that halved a
         # population's prediction, but made the training steps 24% slower (backward kernels).
         self.autocast = resolve_dtype(config.student.precision, self.lm.device) == "bfloat16"
+        self.autocast_training = False  # set only to measure it (benchmarks/student_step.py)
 
     def forward(self, z: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
         """Logits (R, C) for per-row z (R, d) on example ``rows`` of ``split``."""
         prompts = self.P0.unsqueeze(0) + (z @ self.A).view(-1, self.n, self.h)
-        fast = self.autocast and not torch.is_grad_enabled()
+        fast = self.autocast and (self.autocast_training or not torch.is_grad_enabled())
         with torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=fast):
             return self.lm(prompts, rows, split).float() + z @ self.U
 

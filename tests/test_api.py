@@ -62,7 +62,6 @@ def test_resume_may_change_only_what_cannot_change_the_search(tiny_config, tmp_p
         run(kd.with_overrides({"student.k_steps": 7}), resume=True, progress=None)
 
 
-
 def test_a_run_saved_before_a_setting_existed_resumes_with_the_old_behaviour(tiny_config, tmp_path):
     import pickle
 
