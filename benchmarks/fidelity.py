@@ -201,6 +201,29 @@ def example_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 
     return np.asarray(fid)
 
 
+
+def gp_surrogate(traj: dict, labels: np.ndarray, loss: str, scale: float = 0.5,
+                 nugget: float = 1e-2) -> np.ndarray:
+    """Fidelity of a Gaussian process on the per-example logits (RBF kernel, all earlier candidates).
+
+    A nonparametric bar beside the linear ones: it can bend with the teacher's response, so if
+    it cannot order the next population either, no model fitted to the paid answers can. The
+    length scale is ``scale`` times the median distance between the earlier candidates.
+    """
+    fid = [float("nan")]
+    for t in range(1, len(traj["Z"])):
+        X, L = np.vstack(traj["Z"][:t]), np.concatenate(traj["logits"][:t])
+        Z = traj["Z"][t]
+        d2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+        ell2 = (scale * np.median(np.sqrt(d2[np.triu_indices(len(X), 1)]))) ** 2
+        K = np.exp(-d2 / (2 * ell2)) + nugget * np.eye(len(X))
+        k = np.exp(-((Z[:, None] - X[None]) ** 2).sum(-1) / (2 * ell2))
+        Lm = L.mean(0).reshape(-1)
+        predicted = Lm + k @ np.linalg.solve(K, L.reshape(len(X), -1) - Lm)
+        fid.append(spearman(fitness(predicted.reshape(len(Z), *L.shape[1:]), labels, loss),
+                            fitness(traj["logits"][t], labels, loss)))
+    return np.asarray(fid)
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news", "rte"])
@@ -242,6 +265,12 @@ def main(argv=None) -> int:
             f = f[np.isfinite(f)]
             print(f"| {task} | {seed} | (per-example logits linear in z, no student) | {np.median(f):+.3f} | "
                   f"{np.mean(f > 0):.0%} | {teacher_s:.2f} | – |", flush=True)
+            for scale in (1.0, 0.5):
+                f = gp_surrogate(traj, data.train.label, loss, scale)[args.skip_first:]
+                f = f[np.isfinite(f)]
+                print(f"| {task} | {seed} | (Gaussian process on per-example logits, length scale {scale:g} x "
+                      f"median distance, no student) | {np.median(f):+.3f} | {np.mean(f > 0):.0%} | "
+                      f"{teacher_s:.2f} | – |", flush=True)
             print(f"| {task} | {seed} | (the search: {search_progress(traj, data.train.label, loss)}) "
                   "| | | | |", flush=True)
             c = calibration_order(traj, data.train.label, loss)
