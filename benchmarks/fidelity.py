@@ -224,6 +224,18 @@ def gp_surrogate(traj: dict, labels: np.ndarray, loss: str, scale: float = 0.5,
                             fitness(traj["logits"][t], labels, loss)))
     return np.asarray(fid)
 
+
+def summarize(fid: np.ndarray) -> str:
+    """Two table cells: the median fidelity and the share of generations above 0.
+
+    A generation whose predictions are all equal has no Spearman (NaN); it is left out, and a
+    setting with none left says so instead of printing NaN.
+    """
+    f = fid[np.isfinite(fid)]
+    if not len(f):
+        return "n/a (constant predictions) | –"
+    return f"{np.median(f):+.3f} | {np.mean(f > 0):.0%}"
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news", "rte"])
@@ -252,28 +264,18 @@ def main(argv=None) -> int:
             traj = record(config, args.calls, trajectory_path(config, args.calls, args.cache))
             teacher_s = float(np.median(traj["teacher_s"]))
             data = load_task(config.task, config.seed)
-            f = linear_surrogate(traj, data.train.label, config.search.loss or data.spec.loss)[args.skip_first:]
-            f = f[np.isfinite(f)]
-            print(f"| {task} | {seed} | (ridge regression on z, no student) | {np.median(f):+.3f} | "
-                  f"{np.mean(f > 0):.0%} | {teacher_s:.2f} | – |", flush=True)
-            loss = config.search.loss or data.spec.loss
-            f = shift_surrogate(traj, data.train.label, loss)[args.skip_first:]
-            f = f[np.isfinite(f)]
-            print(f"| {task} | {seed} | (class shift linear in z, no student) | {np.median(f):+.3f} | "
-                  f"{np.mean(f > 0):.0%} | {teacher_s:.2f} | – |", flush=True)
-            f = example_surrogate(traj, data.train.label, loss)[args.skip_first:]
-            f = f[np.isfinite(f)]
-            print(f"| {task} | {seed} | (per-example logits linear in z, no student) | {np.median(f):+.3f} | "
-                  f"{np.mean(f > 0):.0%} | {teacher_s:.2f} | – |", flush=True)
-            for scale in (1.0, 0.5):
-                f = gp_surrogate(traj, data.train.label, loss, scale)[args.skip_first:]
-                f = f[np.isfinite(f)]
-                print(f"| {task} | {seed} | (Gaussian process on per-example logits, length scale {scale:g} x "
-                      f"median distance, no student) | {np.median(f):+.3f} | {np.mean(f > 0):.0%} | "
+            labels, loss = data.train.label, config.search.loss or data.spec.loss
+            surrogates = [("ridge regression on z", linear_surrogate(traj, labels, loss)),
+                          ("class shift linear in z", shift_surrogate(traj, labels, loss)),
+                          ("per-example logits linear in z", example_surrogate(traj, labels, loss))]
+            surrogates += [(f"Gaussian process on per-example logits, length scale {scale:g} x median distance",
+                            gp_surrogate(traj, labels, loss, scale)) for scale in (1.0, 0.5)]
+            for name, f in surrogates:
+                print(f"| {task} | {seed} | ({name}, no student) | {summarize(f[args.skip_first:])} | "
                       f"{teacher_s:.2f} | – |", flush=True)
-            print(f"| {task} | {seed} | (the search: {search_progress(traj, data.train.label, loss)}) "
+            print(f"| {task} | {seed} | (the search: {search_progress(traj, labels, loss)}) "
                   "| | | | |", flush=True)
-            c = calibration_order(traj, data.train.label, loss)
+            c = calibration_order(traj, labels, loss)
             half = len(c) // 2
             print(f"| {task} | {seed} | (order explained by calibration: fitness vs class lean, first / second "
                   f"half of the generations) | {np.median(c[:half]):+.2f} / {np.median(c[half:]):+.2f} | | | |",
@@ -281,10 +283,8 @@ def main(argv=None) -> int:
             for name, overrides in variants:
                 vconfig = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
                 r = replay(vconfig, traj)
-                f = r["fidelity"][args.skip_first:]
-                f = f[np.isfinite(f)]
                 parts = [float(np.median(r[k])) for k in ("predict_s", "train_s", "grad_s")]
-                print(f"| {task} | {seed} | {name} | {np.median(f):+.3f} | {np.mean(f > 0):.0%} | {teacher_s:.2f} "
+                print(f"| {task} | {seed} | {name} | {summarize(r['fidelity'][args.skip_first:])} | {teacher_s:.2f} "
                       f"| {sum(parts):.2f} ({parts[0]:.2f} + {parts[1]:.2f} + {parts[2]:.2f}) |", flush=True)
     return 0
 
