@@ -163,6 +163,19 @@ def calibration_order(traj: dict, labels: np.ndarray, loss: str) -> np.ndarray:
     return np.asarray(out)
 
 
+def forecast_fidelity(traj: dict, labels: np.ndarray, loss: str, predict) -> np.ndarray:
+    """Per generation: how well a model fitted to all earlier answers orders the next population.
+
+    ``predict(X, L, Z)`` gets the earlier candidates ``X`` (n, d) and their logits ``L``
+    (n, B, C), in the order they were asked, and returns its logits for the population ``Z``.
+    """
+    fid = [float("nan")]
+    for t in range(1, len(traj["Z"])):
+        X, L, Z = np.vstack(traj["Z"][:t]), np.concatenate(traj["logits"][:t]), traj["Z"][t]
+        fid.append(spearman(fitness(predict(X, L, Z), labels, loss), fitness(traj["logits"][t], labels, loss)))
+    return np.asarray(fid)
+
+
 def shift_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 10.0) -> np.ndarray:
     """Fidelity of a model of the class shift linear in z (ridge on all earlier candidates).
 
@@ -170,17 +183,15 @@ def shift_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 10
     per-example logits (centred), and scores the result: the best case for a student
     whose response to z is one class shift shared by all examples (``student.z_shift``).
     """
-    fid = [float("nan")]
-    for t in range(1, len(traj["Z"])):
-        X, L = np.vstack(traj["Z"][:t]), np.concatenate(traj["logits"][:t])
+    def predict(X: np.ndarray, L: np.ndarray, Z: np.ndarray) -> np.ndarray:
         shift = L.mean(axis=1)
         mu, sm = X.mean(0), shift.mean(0)
         W = np.linalg.solve((X - mu).T @ (X - mu) + ridge * np.eye(X.shape[1]), (X - mu).T @ (shift - sm))
-        last = traj["logits"][t - 1]
+        last = L[-len(Z):]  # the previous population: every population has the same size
         base = last.mean(0) - last.mean(axis=(0, 1))
-        predicted = base[None] + ((traj["Z"][t] - mu) @ W + sm)[:, None, :]
-        fid.append(spearman(fitness(predicted, labels, loss), fitness(traj["logits"][t], labels, loss)))
-    return np.asarray(fid)
+        return base[None] + ((Z - mu) @ W + sm)[:, None, :]
+
+    return forecast_fidelity(traj, labels, loss, predict)
 
 
 def example_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 100.0) -> np.ndarray:
@@ -189,17 +200,13 @@ def example_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 
     The richest model linear in z that the paid answers can fit: B x C x d weights, the
     first-order Taylor model of the teacher on the train batch.
     """
-    fid = [float("nan")]
-    for t in range(1, len(traj["Z"])):
-        X, L = np.vstack(traj["Z"][:t]), np.concatenate(traj["logits"][:t])
+    def predict(X: np.ndarray, L: np.ndarray, Z: np.ndarray) -> np.ndarray:
         mu, Lm = X.mean(0), L.mean(0)
         W = np.linalg.solve((X - mu).T @ (X - mu) + ridge * np.eye(X.shape[1]),
                             (X - mu).T @ (L - Lm).reshape(len(X), -1))
-        Z = traj["Z"][t]
-        predicted = (Lm.reshape(-1) + (Z - mu) @ W).reshape(len(Z), *Lm.shape)
-        fid.append(spearman(fitness(predicted, labels, loss), fitness(traj["logits"][t], labels, loss)))
-    return np.asarray(fid)
+        return (Lm.reshape(-1) + (Z - mu) @ W).reshape(len(Z), *Lm.shape)
 
+    return forecast_fidelity(traj, labels, loss, predict)
 
 
 def gp_surrogate(traj: dict, labels: np.ndarray, loss: str, scale: float = 0.5,
@@ -210,19 +217,15 @@ def gp_surrogate(traj: dict, labels: np.ndarray, loss: str, scale: float = 0.5,
     it cannot order the next population either, no model fitted to the paid answers can. The
     length scale is ``scale`` times the median distance between the earlier candidates.
     """
-    fid = [float("nan")]
-    for t in range(1, len(traj["Z"])):
-        X, L = np.vstack(traj["Z"][:t]), np.concatenate(traj["logits"][:t])
-        Z = traj["Z"][t]
+    def predict(X: np.ndarray, L: np.ndarray, Z: np.ndarray) -> np.ndarray:
         d2 = ((X[:, None] - X[None]) ** 2).sum(-1)
         ell2 = (scale * np.median(np.sqrt(d2[np.triu_indices(len(X), 1)]))) ** 2
         K = np.exp(-d2 / (2 * ell2)) + nugget * np.eye(len(X))
         k = np.exp(-((Z[:, None] - X[None]) ** 2).sum(-1) / (2 * ell2))
         Lm = L.mean(0).reshape(-1)
-        predicted = Lm + k @ np.linalg.solve(K, L.reshape(len(X), -1) - Lm)
-        fid.append(spearman(fitness(predicted.reshape(len(Z), *L.shape[1:]), labels, loss),
-                            fitness(traj["logits"][t], labels, loss)))
-    return np.asarray(fid)
+        return (Lm + k @ np.linalg.solve(K, L.reshape(len(X), -1) - Lm)).reshape(len(Z), *L.shape[1:])
+
+    return forecast_fidelity(traj, labels, loss, predict)
 
 
 def summarize(fid: np.ndarray) -> str:
@@ -235,6 +238,7 @@ def summarize(fid: np.ndarray) -> str:
     if not len(f):
         return "n/a (constant predictions) | –"
     return f"{np.median(f):+.3f} | {np.mean(f > 0):.0%}"
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
