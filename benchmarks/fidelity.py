@@ -220,9 +220,9 @@ def gp_surrogate(traj: dict, labels: np.ndarray, loss: str, scale: float = 0.5,
                  nugget: float = 1e-2, hindsight: bool = False) -> np.ndarray:
     """Fidelity of a Gaussian process on the per-example logits (RBF kernel, all earlier candidates).
 
-    A nonparametric bar beside the linear ones: it can bend with the teacher's response, so if
-    it cannot order the next population either, no model fitted to the paid answers can. The
-    length scale is ``scale`` times the median distance between the earlier candidates.
+    A nonparametric bar beside the linear ones: it can bend with the teacher's response. How
+    well it ranks depends on ``scale`` and ``nugget`` (:func:`best_of_grid`). The length scale
+    is ``scale`` times the median distance between the earlier candidates.
     """
     def predict(X: np.ndarray, L: np.ndarray, Z: np.ndarray) -> np.ndarray:
         d2 = ((X[:, None] - X[None]) ** 2).sum(-1)
