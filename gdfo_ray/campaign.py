@@ -72,7 +72,7 @@ class CampaignConfig:
             the cluster's resources allow. The cell's torch uses ``cell_cpus`` threads.
         max_retries: how often Ray reruns a cell whose worker died (it resumes from
             its checkpoint). A cell that raises is not retried; it is recorded as failed.
-        ray_address: a cluster to join (default: ``$RAY_ADDRESS``, else Ray starts locally).
+        ray_address: a cluster to join, or ``local``; as ``pool.ray_address`` of a run.
     """
 
     results_dir: str

@@ -168,7 +168,9 @@ class _Bench(_BaseCommand):
         parser.add_argument("--cell-cpus", type=float, default=2.0, help="CPUs per cell (also its torch threads)")
         parser.add_argument("--cell-gpus", type=float, default=0.0, help="GPUs per cell")
         parser.add_argument("--max-retries", type=int, default=1, help="reruns of a cell whose worker died")
-        parser.add_argument("--ray-address", help="cluster to join (default: $RAY_ADDRESS, else local)")
+        parser.add_argument("--ray-address",
+                            help="cluster to join, or 'local' to start Ray here (default: $RAY_ADDRESS, else the "
+                                 "one `ray start` registered on this machine, else Ray starts here)")
 
     def take_action(self, args: argparse.Namespace) -> int:
         from gdfo_ray.campaign import CampaignConfig, run_campaign, seeds_from

@@ -348,9 +348,10 @@ class PoolConfig:
     """Where the work runs.
 
     Args:
-        backend: ``ray`` (actors; starts Ray locally unless ``ray_address`` or
-            ``$RAY_ADDRESS`` names a cluster) or ``local`` (same code, in-process).
-        ray_address: an existing cluster to join.
+        backend: ``ray`` (actors on a Ray cluster) or ``local`` (same code, in-process).
+        ray_address: the cluster to join (default: ``$RAY_ADDRESS``, else the one the last
+            ``ray start`` on this machine registered, else Ray starts here); ``local`` always
+            starts Ray here.
         n_teacher_actors: teacher-query actors evaluating candidates in parallel.
         n_student_workers: student workers, data-parallel (gradients averaged).
         teacher_num_cpus, student_num_cpus, teacher_num_gpus, student_num_gpus: each

@@ -32,14 +32,19 @@ NAMESPACE = "gdfo_ray"
 
 
 def init_ray(pool: PoolConfig) -> bool:
-    """Join ``pool.ray_address`` / ``$RAY_ADDRESS``, or start Ray locally; True if started here."""
+    """Join ``pool.ray_address`` / ``$RAY_ADDRESS``, or start Ray locally; True if started here.
+
+    With neither, Ray joins the cluster the last ``ray start`` on this machine registered (how
+    ``ray submit`` reaches its head) and starts one only when there is none; ``local`` always
+    starts one, for a run that must not share a cluster running on the same machine.
+    """
     if ray.is_initialized():
         return False
-    address = pool.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace=NAMESPACE)
+    address = pool.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        ray.init(address=address, num_cpus=pool.ray_num_cpus, include_dashboard=False, namespace=NAMESPACE)
     else:
-        ray.init(num_cpus=pool.ray_num_cpus, include_dashboard=False, namespace=NAMESPACE)
+        ray.init(address=address, namespace=NAMESPACE)
     return True
 
 

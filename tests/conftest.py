@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -21,6 +24,35 @@ def make_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", mask_token="[MASK]",
                                    cls_token="[CLS]", sep_token="[SEP]", bos_token="[BOS]")
+
+
+RAY_ENV = ("RAY_TMPDIR", "RAY_ADDRESS")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_ray_env():
+    """Keep every Ray instance of the test session off the machine's Ray registry.
+
+    ``ray.cluster_utils.Cluster`` records its head in ``<ray temp dir>/ray_current_cluster``, the
+    file a plain ``ray.init()`` anywhere on the machine joins, and deletes that file at shutdown
+    even when it named someone else's cluster. A private ``RAY_TMPDIR`` keeps both effects inside
+    the session, and dropping ``RAY_ADDRESS`` keeps the tests off a cluster the user runs. Yields
+    the variables as they were, for tests that act as a process outside the session.
+    """
+    before = {k: os.environ.get(k) for k in RAY_ENV}
+    # Short: Ray's socket paths live under this directory and must fit in 107 bytes.
+    private = tempfile.mkdtemp(prefix="gdfo-t-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = private
+    os.environ.pop("RAY_ADDRESS", None)
+    try:
+        yield before
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

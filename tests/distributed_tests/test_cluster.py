@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -22,7 +26,8 @@ def three_nodes():
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        yield {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id, "teacher": teacher_node.node_id}
+        yield {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id, "teacher": teacher_node.node_id,
+               "address": cluster.address}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -34,6 +39,29 @@ def three_nodes():
 def _cluster_config(tiny_config, **overrides):
     return tiny_config(**{"pool.backend": "ray", "pool.teacher_resources": {"teacher": 1},
                           "pool.teacher_num_cpus": 0.0, "pool.student_num_cpus": 0.0, **overrides})
+
+
+def test_a_plain_ray_init_elsewhere_on_the_machine_does_not_join_the_test_cluster(three_nodes, machine_ray_env):
+    """A user's `gdfo run` started while the tests run once joined this cluster, and died with it."""
+    env = {k: v for k, v in os.environ.items() if k not in machine_ray_env}
+    env.update({k: v for k, v in machine_ray_env.items() if v is not None})
+    # The resolution ray.init() does for a missing address: an address joins it, None starts Ray here.
+    found = subprocess.run(
+        [sys.executable, "-c", "from ray._private.services import canonicalize_bootstrap_address as c; print(c(None))"],
+        env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    assert found != three_nodes["address"]
+
+
+def test_ray_address_local_starts_ray_apart_from_the_machines_registered_cluster(three_nodes):
+    """This session's environment registers the test cluster, so a plain ray.init() here would join it."""
+    script = ("import ray; from gdfo_ray.config import PoolConfig; from gdfo_ray.distributed import init_ray; "
+              "assert init_ray(PoolConfig(ray_address='local', ray_num_cpus=1)); "
+              "print(ray.cluster_resources()['CPU'], ray.get_runtime_context().gcs_address); ray.shutdown()")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cpus, address = out.stdout.split()[-2:]
+    assert address != three_nodes["address"] and float(cpus) == 1.0  # started here, with pool.ray_num_cpus
 
 
 def test_teacher_actors_land_on_teacher_nodes_and_students_share_the_gpu_node(three_nodes, tiny_config):
