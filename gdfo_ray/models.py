@@ -486,7 +486,7 @@ class PromptedLM(nn.Module):
         from transformers import DynamicCache
 
         lengths, layers = prefix_kv
-        index = torch.as_tensor(rows if kv_rows is None else kv_rows, device=self.device)
+        index = torch.tensor(rows if kv_rows is None else kv_rows, device=self.device)
         prefix = lengths[index]
         width = int(prefix.max())
         n, r = prompts.shape[1], len(rows)
