@@ -15,8 +15,9 @@ def fitness(logits: np.ndarray, labels: np.ndarray, loss: str) -> np.ndarray:
     >>> round(float(fitness(np.array([[[2.0, 0.0]]]), np.array([0]), "hinge")[0]), 3)
     0.0
     """
-    t = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(labels).expand(t.shape[0], -1)
+    # Contiguous: torch refuses views with negative strides (a population reversed).
+    t = torch.as_tensor(np.ascontiguousarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.ascontiguousarray(labels)).expand(t.shape[0], -1)
     return task_loss(t, y, loss).numpy()
 
 

@@ -486,7 +486,7 @@ class PromptedLM(nn.Module):
         from transformers import DynamicCache
 
         lengths, layers = prefix_kv
-        index = torch.tensor(rows if kv_rows is None else kv_rows, device=self.device)
+        index = host_tensor(rows if kv_rows is None else kv_rows, self.device)
         prefix = lengths[index]
         width = int(prefix.max())
         n, r = prompts.shape[1], len(rows)
@@ -533,8 +533,9 @@ class DeepPrompts:
 
 
 def host_tensor(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A tensor copied from an array; arrays that come through Ray's object store are read-only."""
-    return torch.tensor(np.asarray(array), dtype=dtype, device=device)
+    """A tensor copied from an array; arrays that come through Ray's object store are read-only, and
+    views (``Z[::-1]``) may have negative strides, which torch refuses."""
+    return torch.tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
 
 
 def pick_device(requested: str) -> torch.device:

@@ -171,7 +171,7 @@ class StudentTrainer:
     def _population_fitness(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         k, b = Z.shape[0], len(rows)
         logits = self.model(Z.repeat_interleave(b, dim=0), np.tile(rows, k), "train").view(k, b, -1)
-        labels = self.train_labels[torch.tensor(rows, device=self.device)].expand(k, -1)
+        labels = self.train_labels[host_tensor(rows, self.device)].expand(k, -1)
         return task_loss(logits, labels, self.loss_name)
 
     def compute_grads(self, batch: DistillBatch) -> tuple[float, list[np.ndarray]]:

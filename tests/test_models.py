@@ -226,3 +226,17 @@ def test_a_student_with_a_trained_body_caches_no_text_states(tiny_config, tiny_m
     trainer = StudentTrainer(config, data)
     trainer.predict(np.zeros(config.prompt.intrinsic_dim), "train", np.arange(len(data.train)))
     assert not trainer.model.lm.cached_splits and not trainer.model.lm._prefix_kv
+
+
+def test_host_tensor_copies_read_only_and_reversed_arrays():
+    """Ray's object store gives read-only arrays; a reversed view has negative strides."""
+    import torch
+
+    from gdfo_ray.models import host_tensor
+
+    a = np.arange(6.0)
+    a.setflags(write=False)
+    t = host_tensor(a[::-1], torch.device("cpu"))
+    assert t.tolist() == [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    t[0] = -1.0
+    assert a[-1] == 5.0

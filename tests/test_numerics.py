@@ -86,3 +86,11 @@ def test_prompt_space_is_seeded_and_roundtrips(tmp_path):
     np.testing.assert_array_equal(z2, z)
     np.testing.assert_allclose(space.project(z2), a.project(z))
     assert meta["task"] == "sst2"
+
+
+def test_fitness_accepts_a_reversed_population():
+    from gdfo_ray.losses import fitness
+
+    logits = np.random.default_rng(0).normal(size=(5, 4, 3))
+    labels = np.array([0, 1, 2, 1])
+    np.testing.assert_allclose(fitness(logits[::-1], labels, "ce"), fitness(logits, labels, "ce")[::-1])
