@@ -85,6 +85,34 @@ def record(config: GDFOConfig, calls: int, path: str) -> dict:
     return out
 
 
+def retest(config: GDFOConfig, traj: dict, generations: int) -> dict[str, np.ndarray]:
+    """Spearman of recorded populations' fitness with the same prompts asked again: a ceiling on fidelity.
+
+    The teacher is asked again with the candidates in reverse order (other batches, other
+    padding: the noise of its batched arithmetic) and in float32 (the rounding of its
+    dtype). No model of the teacher can order a population better than the teacher agrees
+    with itself. The last ``generations`` generations are asked, where the search has moved.
+    """
+    from gdfo_ray.local_teacher import LocalTeacher
+    from gdfo_ray.prompt import make_space
+
+    data = load_task(config.task, config.seed)
+    labels, loss = data.train.label, config.search.loss or data.spec.loss
+    ids = np.arange(len(data.train))
+    teacher = LocalTeacher(config, data)
+    space = make_space("bbt", config.prompt, config.seed, teacher.describe(), teacher.embed_tokens)
+    f32 = GDFOConfig.from_dict(apply_overrides(config.to_dict(), {"model.dtype": "float32"}))
+    teacher32 = LocalTeacher(f32, data)
+    out: dict[str, list] = {"reversed": [], "float32": []}
+    for Z, logits in zip(traj["Z"][-generations:], traj["logits"][-generations:]):
+        recorded = fitness(logits, labels, loss)
+        prompts = space.project(Z)
+        again = teacher.query(prompts[::-1], "train", ids)[::-1]
+        out["reversed"].append(spearman(recorded, fitness(again, labels, loss)))
+        out["float32"].append(spearman(recorded, fitness(teacher32.query(prompts, "train", ids), labels, loss)))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
 def replay(config: GDFOConfig, traj: dict) -> dict:
     """Fidelity per generation and the student's time per part, as a gdfo run would spend it."""
     data = load_task(config.task, config.seed)
@@ -283,6 +311,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="runs/fidelity_cache")
     p.add_argument("--surrogates-only", action="store_true",
                    help="only the rows that need no student (from the cached teacher answers)")
+    p.add_argument("--retest", type=int, default=0, metavar="G",
+                   help="ask the teacher again for the last G recorded generations (reversed order, float32): "
+                        "how well the teacher's fitness agrees with itself")
     p.add_argument("--skip-first", type=int, default=2,
                    help="generations left out of the median (the untrained student's first guesses)")
     args = p.parse_args(argv)
@@ -320,6 +351,10 @@ def main(argv=None) -> int:
             print(f"| {task} | {seed} | (order explained by calibration: fitness vs class lean, first / second "
                   f"half of the generations) | {np.median(c[:half]):+.2f} / {np.median(c[half:]):+.2f} | | | |",
                   flush=True)
+            if args.retest:
+                for how, f in retest(config, traj, args.retest).items():
+                    print(f"| {task} | {seed} | (the teacher against itself, asked again {how}, last "
+                          f"{args.retest} generations) | {summarize(f)} | {teacher_s:.2f} | – |", flush=True)
             for name, overrides in variants:
                 vconfig = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
                 r = replay(vconfig, traj)
