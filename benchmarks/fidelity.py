@@ -57,17 +57,23 @@ def trajectory_path(config: GDFOConfig, calls: int, cache: str) -> str:
     return os.path.join(cache, f"{config.task.name}_{config.seed}_{calls}_{key:08x}.npz")
 
 
-def record(config: GDFOConfig, calls: int, path: str) -> dict:
-    """The teacher's answers along one CMA-ES trajectory (cached: the teacher is the slow part)."""
-    if os.path.exists(path):
-        return dict(np.load(path))
+def teacher_and_space(config: GDFOConfig):
+    """The task, the teacher and bbt's prompt space of a recording: a retest must project z the same way."""
     from gdfo_ray.local_teacher import LocalTeacher
-    from gdfo_ray.methods import make_es
     from gdfo_ray.prompt import make_space
 
     data = load_task(config.task, config.seed)
     teacher = LocalTeacher(config, data)
-    space = make_space("bbt", config.prompt, config.seed, teacher.describe(), teacher.embed_tokens)
+    return data, teacher, make_space("bbt", config.prompt, config.seed, teacher.describe(), teacher.embed_tokens)
+
+
+def record(config: GDFOConfig, calls: int, path: str) -> dict:
+    """The teacher's answers along one CMA-ES trajectory (cached: the teacher is the slow part)."""
+    if os.path.exists(path):
+        return dict(np.load(path))
+    from gdfo_ray.methods import make_es
+
+    data, teacher, space = teacher_and_space(config)
     es = make_es(config, config.seed + 1)
     ids = np.arange(len(data.train))
     Zs, logits_all, teacher_s = [], [], []
@@ -94,13 +100,10 @@ def retest(config: GDFOConfig, traj: dict, generations: int) -> dict[str, np.nda
     with itself. The last ``generations`` generations are asked, where the search has moved.
     """
     from gdfo_ray.local_teacher import LocalTeacher
-    from gdfo_ray.prompt import make_space
 
-    data = load_task(config.task, config.seed)
+    data, teacher, space = teacher_and_space(config)
     labels, loss = data.train.label, config.search.loss or data.spec.loss
     ids = np.arange(len(data.train))
-    teacher = LocalTeacher(config, data)
-    space = make_space("bbt", config.prompt, config.seed, teacher.describe(), teacher.embed_tokens)
     f32 = GDFOConfig.from_dict(apply_overrides(config.to_dict(), {"model.dtype": "float32"}))
     teacher32 = LocalTeacher(f32, data)
     out: dict[str, list] = {"reversed": [], "float32": []}
