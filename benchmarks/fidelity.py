@@ -15,6 +15,10 @@ the same generation. Example::
 
     GDFO_DATA_DIR=../shared/data python benchmarks/fidelity.py --tasks sst2 ag_news rte \\
         --variant default --variant rank=student.rank_weight=1
+
+A variant may also set ``projection=teacher`` (not a config key): the student's projection
+then starts as the teacher's prompt space mapped into the student's embeddings
+(:func:`aligned_projection`) instead of at random.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import sys
 import time
 import zlib
+from typing import Optional
 
 import numpy as np
 
@@ -116,10 +121,67 @@ def retest(config: GDFOConfig, traj: dict, generations: int) -> dict[str, np.nda
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def replay(config: GDFOConfig, traj: dict) -> dict:
-    """Fidelity per generation and the student's time per part, as a gdfo run would spend it."""
+def embedding_map(teacher: str, student: str, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A linear map (W, b) from the teacher's token embeddings to the student's, and its fit.
+
+    Fitted by ridge regression on the words both vocabularies hold (a byte-level BPE word
+    ``Ġword`` to WordPiece ``word``, a BPE piece to ``##piece``), on 80% of them; the fit
+    reports R^2 and how often the mapped embedding's nearest student word is the right one,
+    on the other 20%.
+    """
+    import torch
+
+    from gdfo_ray.models import load_lm
+
+    t_tok, t_model, _ = load_lm(teacher, need_lm_head=False)
+    s_tok, s_model, _ = load_lm(student, need_lm_head=False)
+    s_vocab, pairs = s_tok.get_vocab(), []
+    for token, i in sorted(t_tok.get_vocab().items(), key=lambda item: item[1]):  # a dict in no fixed order
+        word, target = (token[1:], token[1:].lower()) if token.startswith("Ġ") else (token, "##" + token.lower())
+        if len(word) >= 2 and word.isalpha() and target in s_vocab:
+            pairs.append((i, s_vocab[target]))
+    if len(pairs) < 1000:
+        raise ValueError(f"Only {len(pairs)} words are shared by the vocabularies of {teacher!r} and {student!r}; "
+                         "the map needs a BPE teacher and a WordPiece student with many shared words.")
+    with torch.no_grad():
+        ET = t_model.get_input_embeddings().weight[[t for t, _ in pairs]].double().numpy()
+        ES = s_model.get_input_embeddings().weight[[s for _, s in pairs]].double().numpy()
+    held = np.random.default_rng(0).permutation(len(pairs))
+    fit, test = held[: int(0.8 * len(pairs))], held[int(0.8 * len(pairs)):]
+    X = np.hstack([ET, np.ones((len(ET), 1))])
+    Wb = np.linalg.solve(X[fit].T @ X[fit] + ridge * np.eye(X.shape[1]), X[fit].T @ ES[fit])
+    pred = X[test] @ Wb
+    r2 = 1 - ((pred - ES[test]) ** 2).sum() / ((ES[test] - ES[test].mean(0)) ** 2).sum()
+    unit = ES / np.linalg.norm(ES, axis=1, keepdims=True)
+    nearest = (pred / np.linalg.norm(pred, axis=1, keepdims=True) @ unit.T).argmax(1)
+    return Wb[:-1], Wb[-1], {"words": len(pairs), "r2": float(r2), "nearest": float((nearest == test).mean())}
+
+
+def aligned_projection(config: GDFOConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The student's (A_S, P0_S) as the teacher's prompt space seen through :func:`embedding_map`.
+
+    Each of the teacher's prompt tokens P0_T + A_T z is mapped to the student's embeddings,
+    so the student starts out reading, token by token, the prompt the teacher reads.
+    """
+    _, _, space = teacher_and_space(config)
+    W, b, fit = embedding_map(config.model.teacher, config.model.student)
+    d, n = config.prompt.intrinsic_dim, config.prompt.n_prompt_tokens
+    return (space.A.reshape(d, n, -1) @ W).reshape(d, -1), space.P0 @ W + b, fit
+
+
+def replay(config: GDFOConfig, traj: dict, projection: Optional[tuple] = None) -> dict:
+    """Fidelity per generation and the student's time per part, as a gdfo run would spend it.
+
+    ``projection`` (A_S, P0_S) replaces the student's random projection at the start.
+    """
     data = load_task(config.task, config.seed)
     trainer = StudentTrainer(config, data)
+    if projection is not None:
+        import torch
+
+        with torch.no_grad():
+            for param, value in zip((trainer.model.A, trainer.model.P0), projection):
+                param.copy_(torch.as_tensor(value, dtype=param.dtype).reshape(param.shape))
     buffer = ReplayBuffer(config.student.buffer_candidates)
     rng = np.random.default_rng(config.seed)
     loss = config.search.loss or data.spec.loss
@@ -309,7 +371,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[42])
     p.add_argument("--calls", type=int, default=255, help="teacher calls recorded per task and seed")
     p.add_argument("--variant", action="append", default=None,
-                   help="name=key=value,key=value (student settings to compare); repeatable")
+                   help="name=key=value,key=value (student settings to compare; projection=teacher starts the "
+                        "student's projection from the teacher's prompt space); repeatable")
     p.add_argument("--set", action="append", default=[], help="key=value applied to every run")
     p.add_argument("--cache", default="runs/fidelity_cache")
     p.add_argument("--surrogates-only", action="store_true",
@@ -359,8 +422,19 @@ def main(argv=None) -> int:
                     print(f"| {task} | {seed} | (the teacher against itself, asked again {how}, last "
                           f"{args.retest} generations) | {summarize(f)} | {teacher_s:.2f} | – |", flush=True)
             for name, overrides in variants:
+                overrides = dict(overrides)
+                projection = overrides.pop("projection", "random")
+                if projection not in ("random", "teacher"):
+                    raise SystemExit(f"variant {name!r}: projection must be 'random' or 'teacher', not {projection!r}")
                 vconfig = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
-                r = replay(vconfig, traj)
+                aligned = None
+                if projection == "teacher":
+                    A, P0, fit = aligned_projection(vconfig)
+                    aligned = (A, P0)
+                    print(f"| {task} | {seed} | ({name}: teacher-to-student embedding map fitted on {fit['words']} "
+                          f"shared words, held-out R^2 {fit['r2']:.2f}, nearest word right {fit['nearest']:.0%}) "
+                          "| | | | |", flush=True)
+                r = replay(vconfig, traj, aligned)
                 parts = [float(np.median(r[k])) for k in ("predict_s", "train_s", "grad_s")]
                 print(f"| {task} | {seed} | {name} | {summarize(r['fidelity'][args.skip_first:])} | {teacher_s:.2f} "
                       f"| {sum(parts):.2f} ({parts[0]:.2f} + {parts[1]:.2f} + {parts[2]:.2f}) |", flush=True)
