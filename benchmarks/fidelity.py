@@ -384,6 +384,9 @@ def main(argv=None) -> int:
                    help="generations left out of the median (the untrained student's first guesses)")
     args = p.parse_args(argv)
     variants = [] if args.surrogates_only else [parse_variant(v) for v in (args.variant or ["default"])]
+    for name, overrides in variants:  # before any teacher call: a recording takes minutes
+        if overrides.get("projection", "random") not in ("random", "teacher"):
+            p.error(f"variant {name!r}: projection must be 'random' or 'teacher', not {overrides['projection']!r}")
     common = dict(parse_variant("x=" + ",".join(args.set))[1]) if args.set else {}
     os.makedirs(args.cache, exist_ok=True)
     print("| task | seed | setting | median fidelity | fidelity > 0 | teacher s/gen | student s/gen "
@@ -424,8 +427,6 @@ def main(argv=None) -> int:
             for name, overrides in variants:
                 overrides = dict(overrides)
                 projection = overrides.pop("projection", "random")
-                if projection not in ("random", "teacher"):
-                    raise SystemExit(f"variant {name!r}: projection must be 'random' or 'teacher', not {projection!r}")
                 vconfig = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
                 aligned = None
                 if projection == "teacher":
