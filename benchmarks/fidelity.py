@@ -121,6 +121,7 @@ def retest(config: GDFOConfig, traj: dict, generations: int) -> dict[str, np.nda
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+@functools.lru_cache(maxsize=None)  # the same for every task and seed: load the two models and fit once
 def embedding_map(teacher: str, student: str, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """A linear map (W, b) from the teacher's token embeddings to the student's, and its fit.
 
