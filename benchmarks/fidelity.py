@@ -18,7 +18,10 @@ the same generation. Example::
 
 A variant may also set ``projection=teacher`` (not a config key): the student's projection
 then starts as the teacher's prompt space mapped into the student's embeddings
-(:func:`aligned_projection`) instead of at random.
+(:func:`aligned_projection`) instead of at random. ``warmup=N`` first trains the student for N
+steps on the teacher's answers to one more prompt, before the first generation (:func:`warm_start`):
+the manual prompt (``warm_prompt=manual``, the default: the template alone, no prompt tokens) or the
+search's start (``warm_prompt=start``: z = 0). That costs a run one call.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import zlib
 from typing import Optional
 
 import numpy as np
+import torch
 
 from gdfo_ray import GDFOConfig
 from gdfo_ray.config import apply_overrides
-from gdfo_ray.losses import fitness, spearman
+from gdfo_ray.losses import fitness, kd_loss, spearman
+from gdfo_ray.models import host_tensor
 from gdfo_ray.student import ReplayBuffer, StudentTrainer
 from gdfo_ray.tasks import load_task
 
@@ -170,16 +175,54 @@ def aligned_projection(config: GDFOConfig) -> tuple[np.ndarray, np.ndarray, dict
     return (space.A.reshape(d, n, -1) @ W).reshape(d, -1), space.P0 @ W + b, fit
 
 
-def replay(config: GDFOConfig, traj: dict, projection: Optional[tuple] = None) -> dict:
+WARM_PROMPTS = ("manual", "start")
+
+
+def warm_answers(config: GDFOConfig, prompt: str) -> np.ndarray:
+    """The teacher's logits (rows, C) on the train set for the manual prompt (no tokens) or z = 0."""
+    data, teacher, space = teacher_and_space(config)
+    prompts = (np.zeros((1, 0, space.spec.hidden_size), np.float32) if prompt == "manual"
+               else space.project(np.zeros((1, config.prompt.intrinsic_dim))))
+    return np.asarray(teacher.query(prompts, "train", np.arange(len(data.train))))[0]
+
+
+def warm_start(trainer: StudentTrainer, buffer: ReplayBuffer, answers: np.ndarray, prompt: str, steps: int,
+               rng: np.random.Generator, labels: np.ndarray, loss: str) -> float:
+    """``steps`` distillation steps on the teacher's answers to one prompt, before the first generation.
+
+    With the manual prompt the student too reads the template alone: only its head can learn
+    from it, the teacher's leaning on each example before any prompt moves it. With the
+    search's start both read their prompt at z = 0, which joins the replay buffer as a run's
+    paid answers would. Returns the last step's KD loss.
+    """
+    cfg, n = trainer.config, len(labels)
+    if prompt == "start":
+        Z = np.zeros((1, trainer.model.A.shape[0]))
+        buffer.add(Z, answers[None], np.arange(n), fitness(answers[None], labels, loss))
+        return trainer.train_steps([buffer.sample(cfg.batch_rows, rng, labels, 0) for _ in range(steps)])
+    last = float("nan")
+    for _ in range(steps):
+        rows = rng.choice(n, min(cfg.batch_rows, n), replace=False)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        empty = torch.zeros(len(rows), 0, trainer.model.h, device=trainer.device)
+        out = kd_loss(trainer.model.lm(empty, rows, "train").float(), host_tensor(answers[rows], trainer.device),
+                      host_tensor(labels[rows], trainer.device), cfg.tau, cfg.beta)
+        out.backward()
+        trainer.optimizer.step()
+        last = out.item()
+    return last
+
+
+def replay(config: GDFOConfig, traj: dict, projection: Optional[tuple] = None,
+           warm: Optional[tuple[str, int, np.ndarray]] = None) -> dict:
     """Fidelity per generation and the student's time per part, as a gdfo run would spend it.
 
-    ``projection`` (A_S, P0_S) replaces the student's random projection at the start.
+    ``projection`` (A_S, P0_S) replaces the student's random projection at the start;
+    ``warm`` (prompt, steps, the teacher's answers) trains the student first (:func:`warm_start`).
     """
     data = load_task(config.task, config.seed)
     trainer = StudentTrainer(config, data)
     if projection is not None:
-        import torch
-
         with torch.no_grad():
             for param, value in zip((trainer.model.A, trainer.model.P0), projection):
                 param.copy_(torch.as_tensor(value, dtype=param.dtype).reshape(param.shape))
@@ -192,6 +235,10 @@ def replay(config: GDFOConfig, traj: dict, projection: Optional[tuple] = None) -
     # The rows a run compares the student and the teacher on (see Driver.fidelity_rows).
     fid_rows = np.sort(np.random.default_rng(config.seed + 7).choice(len(ids), min(cfg.fidelity_rows, len(ids)),
                                                                       replace=False))
+    warm_loss = float("nan")
+    if warm is not None:
+        prompt, steps, answers = warm
+        warm_loss = warm_start(trainer, buffer, answers, prompt, steps, rng, labels, loss)
     fid, t_pred, t_train, t_grad = [], [], [], []
     for Z, logits in zip(traj["Z"], traj["logits"]):
         F = fitness(logits, labels, loss)
@@ -207,7 +254,7 @@ def replay(config: GDFOConfig, traj: dict, projection: Optional[tuple] = None) -
         t_train.append(t2 - t1)
         t_grad.append(t3 - t2)
     return {"fidelity": np.asarray(fid), "predict_s": np.asarray(t_pred), "train_s": np.asarray(t_train),
-            "grad_s": np.asarray(t_grad)}
+            "grad_s": np.asarray(t_grad), "warm_kd_loss": warm_loss}
 
 
 def linear_surrogate(traj: dict, labels: np.ndarray, loss: str, ridge: float = 1.0) -> np.ndarray:
@@ -373,7 +420,8 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=255, help="teacher calls recorded per task and seed")
     p.add_argument("--variant", action="append", default=None,
                    help="name=key=value,key=value (student settings to compare; projection=teacher starts the "
-                        "student's projection from the teacher's prompt space); repeatable")
+                        "student's projection from the teacher's prompt space; warmup=N and warm_prompt=manual|start "
+                        "train it first on the teacher's answers to one more prompt); repeatable")
     p.add_argument("--set", action="append", default=[], help="key=value applied to every run")
     p.add_argument("--cache", default="runs/fidelity_cache")
     p.add_argument("--surrogates-only", action="store_true",
@@ -388,6 +436,13 @@ def main(argv=None) -> int:
     for name, overrides in variants:  # before any teacher call: a recording takes minutes
         if overrides.get("projection", "random") not in ("random", "teacher"):
             p.error(f"variant {name!r}: projection must be 'random' or 'teacher', not {overrides['projection']!r}")
+        if overrides.get("warm_prompt", "manual") not in WARM_PROMPTS:
+            p.error(f"variant {name!r}: warm_prompt must be one of {WARM_PROMPTS}, not {overrides['warm_prompt']!r}")
+        warmup = overrides.get("warmup", 0)
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            p.error(f"variant {name!r}: warmup must be a whole number of steps >= 0, not {warmup!r}")
+        if "warm_prompt" in overrides and not warmup:
+            p.error(f"variant {name!r}: warm_prompt needs warmup=N (steps > 0) to have an effect")
     common = dict(parse_variant("x=" + ",".join(args.set))[1]) if args.set else {}
     os.makedirs(args.cache, exist_ok=True)
     print("| task | seed | setting | median fidelity | fidelity > 0 | teacher s/gen | student s/gen "
@@ -428,6 +483,7 @@ def main(argv=None) -> int:
             for name, overrides in variants:
                 overrides = dict(overrides)
                 projection = overrides.pop("projection", "random")
+                warm_prompt, warmup = overrides.pop("warm_prompt", "manual"), overrides.pop("warmup", 0)
                 vconfig = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
                 aligned = None
                 if projection == "teacher":
@@ -436,7 +492,12 @@ def main(argv=None) -> int:
                     print(f"| {task} | {seed} | ({name}: teacher-to-student embedding map fitted on {fit['words']} "
                           f"shared words, held-out R^2 {fit['r2']:.2f}, nearest word right {fit['nearest']:.0%}) "
                           "| | | | |", flush=True)
-                r = replay(vconfig, traj, aligned)
+                warm = (warm_prompt, warmup, warm_answers(vconfig, warm_prompt)) if warmup else None
+                r = replay(vconfig, traj, aligned, warm)
+                if warm:
+                    print(f"| {task} | {seed} | ({name}: {warmup} steps first on the teacher's answers to the "
+                          f"{'manual prompt' if warm_prompt == 'manual' else 'start of the search (z = 0)'}, "
+                          f"KD loss {r['warm_kd_loss']:.3f} at the last) | | | | |", flush=True)
                 parts = [float(np.median(r[k])) for k in ("predict_s", "train_s", "grad_s")]
                 print(f"| {task} | {seed} | {name} | {summarize(r['fidelity'][args.skip_first:])} | {teacher_s:.2f} "
                       f"| {sum(parts):.2f} ({parts[0]:.2f} + {parts[1]:.2f} + {parts[2]:.2f}) |", flush=True)
