@@ -196,11 +196,13 @@ def warm_start(trainer: StudentTrainer, buffer: ReplayBuffer, answers: np.ndarra
     paid answers would. Returns the last step's KD loss.
     """
     cfg, n = trainer.config, len(labels)
+    last = float("nan")
     if prompt == "start":
         Z = np.zeros((1, trainer.model.A.shape[0]))
         buffer.add(Z, answers[None], np.arange(n), fitness(answers[None], labels, loss))
-        return trainer.train_steps([buffer.sample(cfg.batch_rows, rng, labels, 0) for _ in range(steps)])
-    last = float("nan")
+        for _ in range(steps):
+            last = trainer.train_steps([buffer.sample(cfg.batch_rows, rng, labels, 0)])
+        return last
     for _ in range(steps):
         rows = rng.choice(n, min(cfg.batch_rows, n), replace=False)
         trainer.optimizer.zero_grad(set_to_none=True)
