@@ -135,8 +135,6 @@ def embedding_map(teacher: str, student: str, ridge: float = 1.0) -> tuple[np.nd
     reports R^2 and how often the mapped embedding's nearest student word is the right one,
     on the other 20%.
     """
-    import torch
-
     from gdfo_ray.models import load_lm
 
     t_tok, t_model, _ = load_lm(teacher, need_lm_head=False)
