@@ -153,8 +153,7 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
         f"{len(data.test)} test rows from {data.source}")
     teacher, student, ray_started = _make_pools(config, data)
     try:
-        info = teacher.describe()
-        space = make_space(config.method, config.prompt, config.seed, info, teacher.embed_tokens)
+        info, space = build_space(config, teacher, student)
         state = None
         if checkpoint is not None:
             state = checkpoint["state"]
@@ -191,6 +190,18 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
                 ray.shutdown()
 
 
+def build_space(config: GDFOConfig, teacher, student) -> tuple:
+    """The run's prompt space from the teacher's ``describe()``, given to a student cut from the teacher.
+
+    Returns ``(teacher info, space)``. Call it before a resumed student loads its state.
+    """
+    info = teacher.describe()
+    space = make_space(config.method, config.prompt, config.seed, info, teacher.embed_tokens)
+    if student is not None and config.model.student_spec.reads_teacher:
+        student.set_prompt_space(space.A, space.P0)
+    return info, space
+
+
 def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[str] = None):
     """The teacher pool and student group of ``config.pool``.
 
@@ -199,7 +210,7 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[st
     """
     if config.pool.backend == "local":
         from gdfo_ray.ratelimit import LocalLimiter, SharedLimiter
-        from gdfo_ray.student import StudentGroup, StudentTrainer
+        from gdfo_ray.student import StudentGroup, make_student
         from gdfo_ray.teacher import TeacherPool, make_teacher
 
         p = config.pool
@@ -209,7 +220,7 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[st
             limiter = SharedLimiter(limiter_actor, counts_in_flight=p.max_in_flight is not None)
         teacher = TeacherPool([make_teacher(config, data, token=token, limiter=limiter)],
                               one_call_per_piece=config.model.teacher_is_service)
-        student = StudentGroup([StudentTrainer(config, data)]) if config.uses_student else None
+        student = StudentGroup([make_student(config, data)]) if config.uses_student else None
         return teacher, student, False
     from gdfo_ray.distributed import check_pool_fits, init_ray, make_ray_student_group, make_ray_teacher_pool
 
@@ -241,7 +252,8 @@ def _finish(config, driver: Driver, data, teacher, student, space, out: str, say
                      "dev_score": s.best_dev[1]})
     if student is not None and z is not None:
         logits = student.predict(z, "test", np.arange(len(data.test)))
-        test["student"] = metric(logits, data.test.label, data.spec.metric)
+        if logits is not None:  # a GP student models the train batch alone
+            test["student"] = metric(logits, data.test.label, data.spec.metric)
         import torch
 
         torch.save(student.state(), os.path.join(out, "student.pt"))

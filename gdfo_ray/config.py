@@ -28,6 +28,45 @@ PROMPT_INITS = ("vocab", "zeros")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DATA_DIR_ENV = "GDFO_DATA_DIR"
+# Students that are not a model id of their own (model.student): see StudentSpec.
+STUDENT_KINDS = ("oracle", "sibling:K", "gp", "<HF model id or local path>")
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """What ``model.student`` names, parsed once.
+
+    ``oracle``: the teacher's own weights reading the teacher's own projection, frozen, so
+    the gradient in z is exact (a diagnostic: it breaks the black-box premise).
+    ``sibling:K``: the teacher's first K blocks, its final norm and head, reading the
+    teacher's prompt embeddings and distilled like any student (an API model and a smaller
+    open model of its family). ``gp``: a Gaussian process on the per-example logits of the
+    paid answers. Anything else is a model id or path, distilled through its own projection.
+    """
+
+    kind: str  # "model", "oracle", "sibling" or "gp"
+    name: str = ""  # the model id or path, for kind "model"
+    layers: Optional[int] = None  # K, for kind "sibling"
+
+    @property
+    def reads_teacher(self) -> bool:
+        """Whether the student is built from the teacher's weights and reads its prompt space."""
+        return self.kind in ("oracle", "sibling")
+
+
+def parse_student(name: str) -> StudentSpec:
+    """``model.student`` as a :class:`StudentSpec`; a bad ``sibling:K`` fails naming the field."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"model.student must be one of {list(STUDENT_KINDS)}, but got {name!r}.")
+    if name in ("oracle", "gp"):
+        return StudentSpec(name)
+    if name.startswith("sibling"):
+        _, sep, k = name.partition(":")
+        if not sep or not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"model.student={name!r}: a sibling student is 'sibling:K' with K >= 1 the number of "
+                              "the teacher's transformer blocks it keeps, e.g. 'sibling:12'.")
+        return StudentSpec("sibling", layers=int(k))
+    return StudentSpec("model", name=name)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -126,7 +165,11 @@ class ModelConfig:
         teacher: HF model id or local path of the teacher (masked or causal LM), or the
             URL (``http://...``/``https://...``) of a black-box service (``gdfo serve``
             or any service speaking its API; see ``service``).
-        student: HF model id or local path of the student (encoder, masked or causal LM).
+        student: HF model id or local path of the student (encoder, masked or causal LM), or
+            ``oracle``, ``sibling:K`` or ``gp`` (:class:`StudentSpec`). ``oracle`` and
+            ``sibling:K`` load the teacher's weights, so they need a local teacher; they run in
+            the teacher's ``dtype`` and ``max_rows_per_forward``, and cache the text before the
+            prompt as the teacher does (``kv_cache``) unless ``student.train_body``.
         teacher_kind, student_kind: ``auto`` reads the model config.
         dtype: the teacher's weights and arithmetic (the student always trains in float32).
             ``auto`` takes bfloat16 where the processor multiplies it natively (a CPU with
@@ -161,6 +204,17 @@ class ModelConfig:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"model.device must be 'auto', 'cpu' or 'cuda[:i]', but got {self.device!r}.")
         _check_int("model.max_rows_per_forward", self.max_rows_per_forward, 1)
+        spec = parse_student(self.student)
+        if spec.reads_teacher and self.teacher_is_service:
+            raise ConfigError(
+                f"model.student={self.student!r} is built from the teacher's weights, but model.teacher="
+                f"{self.teacher!r} is a black-box service. Either pass the teacher as a local model id or path, "
+                "or choose a student model of your own (model.student=<id or path>) or 'gp'."
+            )
+
+    @property
+    def student_spec(self) -> StudentSpec:
+        return parse_student(self.student)
 
     @property
     def teacher_is_service(self) -> bool:
@@ -280,6 +334,9 @@ class StudentConfig:
         z_shift: add to the student's logits a class shift linear in z (``z U``, U of d x C),
             trained with the projection: the part of the teacher's response to z that all
             examples share, learnt from few candidates.
+        gp_scale, gp_nugget: the ``gp`` student's RBF length scale, in units of the median
+            distance between the answered candidates, and its noise (added to the kernel's
+            diagonal). 0.5 and 0.01 ranked best among the GPs of the fidelity study.
         text_cache: the student reads each example's text apart from the prompt: its
             template puts the text first, the text's tokens attend only to each other, and
             the prompt and the label slot attend to them. The text's states are then the
@@ -302,8 +359,12 @@ class StudentConfig:
     max_rows_per_forward: int = 16
     fidelity_rows: int = 32
     text_cache: bool = True
+    gp_scale: float = 0.5
+    gp_nugget: float = 0.01
 
     def __post_init__(self) -> None:
+        _check_positive("student.gp_scale", self.gp_scale)
+        _check_positive("student.gp_nugget", self.gp_nugget)
         _check_int("student.k_steps", self.k_steps, 0)
         _check_int("student.batch_rows", self.batch_rows, 1)
         _check_positive("student.lr", self.lr)
@@ -482,6 +543,12 @@ class GDFOConfig:
                 f"method 'white_box' needs the teacher's gradients, but model.teacher={self.model.teacher!r} is a "
                 "black-box service. Either pass a local model id or path, or choose another method."
             )
+        if self.model.student_spec.kind == "oracle" and (self.student.train_body or self.student.z_shift):
+            raise ConfigError(
+                "model.student='oracle' keeps the teacher frozen so that its gradient is exact, so it cannot be "
+                "combined with student.train_body=true or student.z_shift=true. Use 'sibling:K' to train a student "
+                "cut from the teacher."
+            )
         popsize = self.search.resolved_popsize(self.prompt.intrinsic_dim)
         per_generation = 1 if self.method == "white_box" else popsize
         if self.method != "manual" and self.search.budget_calls < per_generation:
@@ -547,7 +614,7 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
 EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 
 # Settings added after runs were saved, with the value that reproduces what the code did before they existed.
-ADDED_SETTINGS: dict = {"student.text_cache": False}
+ADDED_SETTINGS: dict = {"student.text_cache": False, "student.gp_scale": 0.5, "student.gp_nugget": 0.01}
 
 
 def flatten_saved_config(saved: Mapping[str, Any]) -> dict:

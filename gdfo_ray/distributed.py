@@ -201,9 +201,9 @@ class StudentWorker:
     """What a student worker actor runs: a trainer, tagged with an id that changes when Ray restarts it."""
 
     def __init__(self, config: GDFOConfig, data: TaskData):
-        from gdfo_ray.student import StudentTrainer
+        from gdfo_ray.student import make_student
 
-        self.trainer = StudentTrainer(config, data)
+        self.trainer = make_student(config, data)
         self.incarnation = uuid.uuid4().hex
 
     def run(self, incarnation: str, method: str, *args: Any) -> Any:
@@ -273,6 +273,12 @@ class RayStudentGroup(StudentGroup):
 
     def predict_fitness(self, Z, rows=None):
         return self._recovering(super().predict_fitness, Z, rows)
+
+    def observe(self, Z, logits, rows) -> None:
+        self._recovering(super().observe, Z, logits, rows, mutates=True)
+
+    def set_prompt_space(self, A, P0) -> None:
+        self._recovering(super().set_prompt_space, A, P0, mutates=True)
 
     def grad_z(self, z):
         return self._recovering(super().grad_z, z)

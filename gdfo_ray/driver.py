@@ -115,6 +115,7 @@ class StepContext:
     def _batches(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> list:
         d = self._driver
         d.state.buffer.add(Z, logits, d.train_ids, F)
+        self.student.observe(Z, logits, d.train_ids)  # a GP student fits on whole populations
         cfg = d.config.student
         pop_rows = min(8, len(d.train_ids)) if cfg.rank_weight > 0 else 0
         return [d.state.buffer.sample(cfg.batch_rows, self.rng, d.data.train.label, pop_rows)

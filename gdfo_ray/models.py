@@ -25,6 +25,7 @@ from gdfo_ray.exceptions import ConfigError, ModelNotFoundError
 from gdfo_ray.tasks import Split, TaskSpec, text_first_template
 
 CACHE_ENV = "GDFO_CACHE_DIR"
+READOUTS = ("verbalizer", "linear", "verbalizer_residual")
 
 # Models that PyPI packages ship for offline use: id -> (package, file inside it, kind).
 OFFLINE_PACKAGES = {
@@ -149,8 +150,13 @@ def detect_kind(config, requested: str = "auto") -> str:
     return "encoder"
 
 
-def load_lm(name: str, kind: str = "auto", dtype: str = "float32", need_lm_head: bool = True):
-    """Load tokenizer and model; returns ``(tokenizer, model, kind)``."""
+def load_lm(name: str, kind: str = "auto", dtype: str = "float32", need_lm_head: bool = True,
+            layers: "int | None" = None):
+    """Load tokenizer and model; returns ``(tokenizer, model, kind)``.
+
+    ``layers`` keeps only the first K transformer blocks (with the final norm and the head):
+    a sibling student cut from the teacher.
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -169,7 +175,19 @@ def load_lm(name: str, kind: str = "auto", dtype: str = "float32", need_lm_head:
             "teacher. Pass a masked or causal LM (or set model.teacher_kind if detection is wrong)."
         )
     cls = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "encoder": AutoModel}[kind]
-    model = cls.from_pretrained(path, dtype=getattr(torch, dtype))
+    if layers is None:
+        model = cls.from_pretrained(path, dtype=getattr(torch, dtype))
+    else:
+        total = getattr(config, "num_hidden_layers", None)
+        if total is None or layers > total:
+            raise ConfigError(f"model.student='sibling:{layers}' keeps {layers} blocks of {name!r}, which has "
+                              f"{total}. Choose K between 1 and {total}.")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the blocks left out are reported as unexpected weights, by design
+        try:
+            model = cls.from_pretrained(path, dtype=getattr(torch, dtype), num_hidden_layers=layers)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     model.eval()
     return tokenizer, model, kind
 
@@ -267,7 +285,9 @@ class PromptedLM(nn.Module):
 
     ``readout="verbalizer"`` scores the verbalizer tokens with the LM head at the slot
     (teacher, or an LM student); ``readout="linear"`` puts a trainable C x h head on
-    the slot's hidden state (an encoder student). ``separate_text`` reads each example
+    the slot's hidden state (an encoder student); ``readout="verbalizer_residual"`` adds
+    such a head, started at zero, to the verbalizer scores (a sibling student: it starts
+    as the truncated teacher reads and learns what the blocks left out add). ``separate_text`` reads each example
     apart from the prompt (:func:`~gdfo_ray.tasks.text_first_template`), so that the
     text's states can be cached (:meth:`cache_prefixes`) even in an encoder.
     """
@@ -291,13 +311,18 @@ class PromptedLM(nn.Module):
         self.encoded: dict[str, EncodedSplit] = {}
         self.cached_splits: set = set()
         self._prefix_kv: dict = {}  # split -> (prefix lengths, [(keys, values) per layer]) or None: no cache
-        if readout == "verbalizer":
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, but got {readout!r}.")
+        self.head = None
+        if readout != "linear":
             if kind == "encoder":
                 raise ConfigError(f"{model_name!r} has no LM head to score verbalizer words.")
             self.verbalizer_ids = verbalizer_token_ids(tokenizer, spec.verbalizer, model_name)
-            self.head = None
-        else:
+        if readout != "verbalizer":
             self.head = nn.Linear(self.hidden_size, spec.n_classes)
+        if readout == "verbalizer_residual":  # starts as the verbalizer readout exactly
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def add_split(self, name: str, split: Split) -> None:
         self.encoded[name] = encode_split(self.tokenizer, self.template, self.kind, split, self.max_text_tokens)
@@ -507,8 +532,14 @@ class PromptedLM(nn.Module):
         return self._read(hidden[torch.arange(r, device=self.device), slots]).float()
 
     def _read(self, at_slot: torch.Tensor) -> torch.Tensor:
-        if self.head is not None:
+        if self.readout == "linear":
             return self.head(at_slot.float())
+        logits = self._verbalizer_logits(at_slot)
+        if self.head is not None:  # verbalizer_residual
+            return logits.float() + self.head(at_slot.float())
+        return logits
+
+    def _verbalizer_logits(self, at_slot: torch.Tensor) -> torch.Tensor:
         if self.kind == "causal_lm":
             out = self.model.get_output_embeddings()
             bias = out.bias[self.verbalizer_ids] if getattr(out, "bias", None) is not None else None
@@ -569,9 +600,9 @@ def resolve_dtype(requested: str, device: torch.device) -> str:
 
 def build_prompted_lm(name: str, kind: str, spec: TaskSpec, splits: dict, *, readout: str, dtype: str,
                       device: str, max_text_tokens: int, max_rows_per_forward: int,
-                      need_lm_head: bool, separate_text: bool = False) -> PromptedLM:
+                      need_lm_head: bool, separate_text: bool = False, layers: "int | None" = None) -> PromptedLM:
     dtype = resolve_dtype(dtype, pick_device(device))
-    tokenizer, model, kind = load_lm(name, kind, dtype, need_lm_head=need_lm_head)
+    tokenizer, model, kind = load_lm(name, kind, dtype, need_lm_head=need_lm_head, layers=layers)
     if readout == "auto":
         readout = "linear" if kind == "encoder" else "verbalizer"
     lm = PromptedLM(tokenizer, model, kind, spec, readout, name, max_text_tokens, max_rows_per_forward,

@@ -320,7 +320,10 @@ def plot_curves(rows: list[dict], curves: list[dict], out_dir: str) -> list[str]
         if manual.get(task):
             ax.axhline(100 * np.mean(manual[task]), color="gray", linestyle="--", label="manual")
         metric = next((r["metric"] for r in rows if r["task"] == task), "score")
-        ax.set(title=TASK_TITLES.get(task, task), xlabel="train API calls", ylabel=f"best dev {metric} (%)")
+        title = TASK_TITLES.get(task, task)
+        if any(_oracle(r) for r in rows if r["task"] == task):
+            title += f"\n{ORACLE_NOTE}"
+        ax.set(title=title, xlabel="train API calls", ylabel=f"best dev {metric} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -331,13 +334,26 @@ def plot_curves(rows: list[dict], curves: list[dict], out_dir: str) -> list[str]
     return paths
 
 
+ORACLE_NOTE = "student = oracle: the black box's own weights, a diagnostic that breaks the black-box premise"
+
+
+def _oracle(row: dict) -> bool:
+    config = json.loads(row["config_json"])
+    return config["method"] in ("kd", "gdfo") and config["model"]["student"] == "oracle"
+
+
 def _setting(rows: list[dict]) -> str:
     configs = [json.loads(r["config_json"]) for r in rows]
     searched = [c for c in configs if c["method"] != "manual"] or configs
+    distilled = [c for c in configs if c["method"] in ("kd", "gdfo")]
     versions = json.loads(rows[0]["versions_json"])
 
-    def values(get) -> str:
-        return ", ".join(sorted({str(get(c)) for c in searched}))
+    def values(get, among: Optional[list] = None) -> str:
+        return ", ".join(sorted({str(get(c)) for c in (searched if among is None else among)}))
+
+    student = values(lambda c: c["model"]["student"], distilled) if distilled else "none (no cell distils one)"
+    if any(_oracle(r) for r in rows):
+        student += f" (**{ORACLE_NOTE}**)"
 
     seeds = sorted({int(r["seed"]) for r in rows})
     # Cells record when they finished and how long they ran; the oldest rows have no start time.
@@ -346,7 +362,7 @@ def _setting(rows: list[dict]) -> str:
     return "\n".join([
         f"- teacher (black box): {values(lambda c: c['model']['teacher'])} "
         f"({', '.join(sorted({str(r['teacher_dtype']) for r in rows}))}); "
-        f"student: {values(lambda c: c['model']['student'])}",
+        f"student: {student}",
         f"- budget: {values(lambda c: c['search']['budget_calls'])} train calls per run; "
         f"popsize {values(lambda c: c['search']['popsize'] or 'auto')}, d = "
         f"{values(lambda c: c['prompt']['intrinsic_dim'])}, n = {values(lambda c: c['prompt']['n_prompt_tokens'])} "

@@ -91,21 +91,41 @@ class ReplayBuffer:
 
 
 class StudentModel(nn.Module):
-    """A :class:`~gdfo_ray.models.PromptedLM` behind its own learned projection of z."""
+    """A :class:`~gdfo_ray.models.PromptedLM` behind its own projection of z.
+
+    A student of its own (``model.student`` an id or path) learns its projection from a
+    random start. ``oracle`` and ``sibling:K`` are cut from the teacher and start from the
+    teacher's own projection (:meth:`set_prompt_space`, before any forward): the oracle keeps
+    it, and everything else, frozen, so its gradient in z is the teacher's; a sibling trains
+    its projection and a residual head on the verbalizer scores (``verbalizer_residual``).
+    """
 
     def __init__(self, config: GDFOConfig, data: TaskData):
         super().__init__()
-        self.lm = build_prompted_lm(
-            config.model.student, config.model.student_kind, data.spec,
-            {"train": data.train, "dev": data.dev, "test": data.test}, readout="auto", dtype="float32",
-            device=config.model.device, max_text_tokens=config.task.max_text_tokens,
-            max_rows_per_forward=config.student.max_rows_per_forward, need_lm_head=False,
-            separate_text=config.student.text_cache,
-        )
-        if config.student.text_cache:
-            # Every step and prediction of a run reads the train batch; other splits are read once or twice.
-            # Only then: a causal-LM student would otherwise cache its text states even with a trained body.
-            self.lm.cache_prefixes(["train"])
+        self.spec = config.model.student_spec
+        splits = {"train": data.train, "dev": data.dev, "test": data.test}
+        if self.spec.reads_teacher:
+            # The teacher's weights as the teacher computes them (its dtype and chunking); only the
+            # trained parameters (projection, head) are float32.
+            self.lm = build_prompted_lm(
+                config.model.teacher, config.model.teacher_kind, data.spec, splits,
+                readout="verbalizer" if self.spec.kind == "oracle" else "verbalizer_residual",
+                dtype=config.model.dtype, device=config.model.device, max_text_tokens=config.task.max_text_tokens,
+                max_rows_per_forward=config.model.max_rows_per_forward, need_lm_head=True, layers=self.spec.layers,
+            )
+            if config.model.kv_cache and not config.student.train_body:
+                self.lm.cache_prefixes(["train"])
+        else:
+            self.lm = build_prompted_lm(
+                config.model.student, config.model.student_kind, data.spec, splits, readout="auto", dtype="float32",
+                device=config.model.device, max_text_tokens=config.task.max_text_tokens,
+                max_rows_per_forward=config.student.max_rows_per_forward, need_lm_head=False,
+                separate_text=config.student.text_cache,
+            )
+            if config.student.text_cache:
+                # Every step and prediction of a run reads the train batch; other splits are read once or twice.
+                # Only then: a causal-LM student would otherwise cache its text states even with a trained body.
+                self.lm.cache_prefixes(["train"])
         d, n, h = config.prompt.intrinsic_dim, config.prompt.n_prompt_tokens, self.lm.hidden_size
         gen = torch.Generator().manual_seed(config.seed + 1)
         std = config.prompt.alpha * self.lm.embedding_std() / np.sqrt(d)
@@ -113,19 +133,39 @@ class StudentModel(nn.Module):
         vocab = self.lm.embeddings.weight.shape[0]
         ids = torch.randint(min(1000, vocab - 1), vocab, (n,), generator=gen)
         self.P0 = nn.Parameter(self.lm.embed_tokens(ids.tolist()).float().clone())
-        self.lm.model.requires_grad_(config.student.train_body)
+        frozen = self.spec.kind == "oracle"
+        self.A.requires_grad_(not frozen)
+        self.P0.requires_grad_(not frozen)
+        self.lm.model.requires_grad_(config.student.train_body and not frozen)
         # A class shift linear in z, shared by all examples: how a move in z tilts the teacher toward a
         # class. It is learnt from few candidates (d x C weights), where A_S needs many.
         self.U = nn.Parameter(torch.zeros(d, data.spec.n_classes, device=self.lm.device),
-                              requires_grad=config.student.z_shift)
+                              requires_grad=config.student.z_shift and not frozen)
         self.n, self.h = n, h
+        # The teacher's projection, once set; None until then (only for students that read the teacher).
+        self.teacher_space: Optional[tuple[np.ndarray, np.ndarray]] = None
         # Only predictions (no gradient) may run in bfloat16: on a 2-core AMX CPU that halved a
         # population's prediction, but made the training steps 24% slower (backward kernels).
         self.autocast = resolve_dtype(config.student.precision, self.lm.device) == "bfloat16"
         self.autocast_training = False  # set only to measure it (benchmarks/student_step.py)
 
+    def set_prompt_space(self, A: np.ndarray, P0: np.ndarray) -> None:
+        """Start from the teacher's projection ``P(z) = P0 + A z``; only a student cut from the teacher reads it."""
+        if not self.spec.reads_teacher:
+            return
+        A, P0 = np.asarray(A, np.float32), np.asarray(P0, np.float32).reshape(self.n, self.h)
+        if A.shape != tuple(self.A.shape):
+            raise ValueError(f"The teacher's projection has shape {A.shape}, but this student reads {tuple(self.A.shape)}.")
+        with torch.no_grad():
+            self.A.copy_(host_tensor(A, self.lm.device))
+            self.P0.copy_(host_tensor(P0, self.lm.device))
+        self.teacher_space = (A, P0)
+
     def forward(self, z: torch.Tensor, rows: np.ndarray, split: str) -> torch.Tensor:
         """Logits (R, C) for per-row z (R, d) on example ``rows`` of ``split``."""
+        if self.spec.reads_teacher and self.teacher_space is None:
+            raise RuntimeError(f"Student {self.spec.kind!r} reads the teacher's prompt space, which it was not given: "
+                               "call set_prompt_space(A, P0) with the run's space first.")
         prompts = self.P0.unsqueeze(0) + (z @ self.A).view(-1, self.n, self.h)
         fast = self.autocast and (self.autocast_training or not torch.is_grad_enabled())
         with torch.autocast(self.lm.device.type, dtype=torch.bfloat16, enabled=fast):
@@ -150,10 +190,18 @@ class StudentTrainer:
         projection = [p for p in (self.model.A, self.model.P0, self.model.U) if p.requires_grad]
         rest = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in ("A", "P0", "U")]
         self.params = projection + rest
+        # The oracle trains nothing: its steps are skipped and its KD loss reported as NaN.
         self.optimizer = torch.optim.Adam([
             {"params": projection, "lr": config.student.projection_lr},
             {"params": rest, "lr": config.student.lr},
-        ])
+        ]) if self.params else None
+
+    def set_prompt_space(self, A: np.ndarray, P0: np.ndarray) -> None:
+        """The run's (teacher's) prompt space; only students cut from the teacher read it."""
+        self.model.set_prompt_space(A, P0)
+
+    def observe(self, Z: np.ndarray, logits: np.ndarray, rows: np.ndarray) -> None:
+        """A network student learns from replayed batches (:meth:`train_steps`), not from each population."""
 
     def _z(self, z: np.ndarray) -> torch.Tensor:
         return host_tensor(z, self.device, torch.float32)
@@ -176,18 +224,24 @@ class StudentTrainer:
 
     def compute_grads(self, batch: DistillBatch) -> tuple[float, list[np.ndarray]]:
         """Loss and gradients of one shard (data-parallel workers average these)."""
+        if self.optimizer is None:
+            return float("nan"), []
         self.optimizer.zero_grad(set_to_none=False)
         loss = self._loss(batch)
         loss.backward()
         return loss.item(), [p.grad.detach().cpu().numpy().copy() for p in self.params]
 
     def apply_grads(self, grads: list[np.ndarray]) -> None:
+        if self.optimizer is None:
+            return
         for p, g in zip(self.params, grads):
             p.grad = host_tensor(g, self.device)
         self.optimizer.step()
 
     def train_steps(self, batches: list[DistillBatch]) -> float:
         """K steps on one worker; returns the mean KD loss."""
+        if self.optimizer is None:
+            return float("nan")
         losses = []
         for batch in batches:
             loss, grads = self.compute_grads(batch)
@@ -218,14 +272,120 @@ class StudentTrainer:
         weights = {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}
         # A copy: state_dict() shares Adam's moment tensors, which the next step changes in place. A
         # snapshot taken before an overlapped distillation would otherwise change while it runs.
-        return {"model": weights, "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+        optimizer = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        # The teacher's projection travels with the weights: a restarted worker of a student that keeps it
+        # frozen (the oracle) has it in no weight.
+        return {"model": weights, "optimizer": optimizer, "prompt_space": self.model.teacher_space}
 
     def load_state(self, state: dict) -> None:
         missing = set(state["model"]) - {k for k, v in self.model.named_parameters() if v.requires_grad}
         if missing:
             raise ValueError(f"Student checkpoint has weights this student does not train: {sorted(missing)}.")
+        if state.get("prompt_space") is not None:
+            self.model.set_prompt_space(*state["prompt_space"])
         self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+class GPStudent:
+    """A student with no network: a Gaussian process on the per-example logits of the paid answers.
+
+    Every (train example, class) logit is a GP in z with one RBF kernel: length scale
+    ``student.gp_scale`` times the median distance between the answered candidates, noise
+    ``student.gp_nugget``, prior mean the answers' average. The posterior mean predicts a
+    population's logits, and its gradient is gdfo's g. It models the train batch alone, so it
+    has no test score of its own. The best forecaster of the fidelity study
+    (benchmarks/results/fidelity-2026-12-04), here as a student.
+    """
+
+    def __init__(self, config: GDFOConfig, data: TaskData):
+        self.loss_name = config.search.loss or data.spec.loss
+        self.labels = np.asarray(data.train.label)
+        self.scale, self.nugget = config.student.gp_scale, config.student.gp_nugget
+        self.capacity = config.student.buffer_candidates
+        self.X = np.zeros((0, config.prompt.intrinsic_dim))
+        self.Y = np.zeros((0, len(self.labels), data.spec.n_classes))
+        self._fit: Optional[tuple] = None  # (ell2, mean, alpha) for the current answers
+
+    def observe(self, Z: np.ndarray, logits: np.ndarray, rows: np.ndarray) -> None:
+        """Add a population's answers (on every train row, in order); the newest ``buffer_candidates`` stay."""
+        if not np.array_equal(np.asarray(rows), np.arange(len(self.labels))):
+            raise ValueError("The GP student models the whole train batch: its answers must cover every train row.")
+        self.X = np.vstack([self.X, np.asarray(Z, np.float64)])[-self.capacity:]
+        self.Y = np.concatenate([self.Y, np.asarray(logits, np.float64)])[-self.capacity:]
+        self._fit = None
+
+    def _fitted(self) -> Optional[tuple]:
+        if self._fit is None and len(self.X) >= 2:
+            X = self.X
+            d2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+            median = float(np.median(np.sqrt(d2[np.triu_indices(len(X), 1)])))
+            ell2 = (self.scale * median) ** 2 if median > 0 else 1.0
+            K = np.exp(-d2 / (2 * ell2)) + self.nugget * np.eye(len(X))
+            flat = self.Y.reshape(len(X), -1)
+            mean = flat.mean(0)
+            self._fit = (ell2, mean, np.linalg.solve(K, flat - mean))
+        return self._fit
+
+    def _logits(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Posterior mean logits (k, len(rows), C) at candidates ``Z`` (k, d); the prior (zeros) before two answers."""
+        shape = self.Y.shape[1:]
+        fit = self._fitted()
+        if fit is None:
+            return torch.zeros((Z.shape[0], len(rows), shape[1]), dtype=torch.float64) + Z.sum() * 0.0
+        ell2, mean, alpha = fit
+        X = torch.as_tensor(self.X)
+        k = torch.exp(-((Z[:, None, :] - X[None]) ** 2).sum(-1) / (2 * ell2))
+        flat = torch.as_tensor(mean) + k @ torch.as_tensor(alpha)
+        return flat.view(Z.shape[0], *shape)[:, torch.as_tensor(np.asarray(rows))]
+
+    def _fitness(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        labels = torch.as_tensor(self.labels[np.asarray(rows)]).expand(Z.shape[0], -1)
+        return task_loss(self._logits(Z, rows), labels, self.loss_name)
+
+    def predict_fitness(self, Z: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows)
+        with torch.no_grad():
+            return self._fitness(torch.as_tensor(np.asarray(Z, np.float64)), rows).numpy()
+
+    def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        zt = torch.as_tensor(np.asarray(z, np.float64)).reshape(1, -1).requires_grad_(True)
+        loss = self._fitness(zt, np.arange(len(self.labels)))[0]
+        (g,) = torch.autograd.grad(loss, zt)
+        return loss.item(), g[0].numpy().astype(np.float32)
+
+    def predict(self, z: np.ndarray, split: str, rows: np.ndarray) -> Optional[np.ndarray]:
+        """Logits on train rows; None elsewhere (the GP knows the teacher's answers on train alone)."""
+        if split != "train":
+            return None
+        with torch.no_grad():
+            return self._logits(torch.as_tensor(np.asarray(z, np.float64)).reshape(1, -1), rows)[0].numpy()
+
+    def set_prompt_space(self, A: np.ndarray, P0: np.ndarray) -> None:
+        """The GP works in z itself."""
+
+    def train_steps(self, batches: list) -> float:
+        return float("nan")  # nothing to train: observe() is its fit
+
+    def compute_grads(self, batch: DistillBatch) -> tuple[float, list]:
+        return float("nan"), []
+
+    def apply_grads(self, grads: list) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {"X": self.X.copy(), "Y": self.Y.copy()}
+
+    def load_state(self, state: dict) -> None:
+        self.X, self.Y, self._fit = np.asarray(state["X"]), np.asarray(state["Y"]), None
+
+
+def make_student(config: GDFOConfig, data: TaskData) -> "StudentTrainer | GPStudent":
+    """The student ``model.student`` names (:class:`~gdfo_ray.config.StudentSpec`), for one worker."""
+    if config.model.student_spec.kind == "gp":
+        return GPStudent(config, data)
+    return StudentTrainer(config, data)
 
 
 class StudentGroup:
@@ -266,10 +426,16 @@ class StudentGroup:
     def predict_fitness(self, Z: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
         return self._first("predict_fitness", Z, rows)
 
+    def observe(self, Z: np.ndarray, logits: np.ndarray, rows: np.ndarray) -> None:
+        self._all("observe", Z, logits, rows)
+
+    def set_prompt_space(self, A: np.ndarray, P0: np.ndarray) -> None:
+        self._all("set_prompt_space", A, P0)
+
     def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         return self._first("grad_z", z)
 
-    def predict(self, z: np.ndarray, split: str, rows: np.ndarray) -> np.ndarray:
+    def predict(self, z: np.ndarray, split: str, rows: np.ndarray) -> Optional[np.ndarray]:
         return self._first("predict", z, split, rows)
 
     def state(self) -> dict:

@@ -210,9 +210,8 @@ def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = No
     import ray
     from ray import tune
 
-    from gdfo_ray.api import _make_pools
+    from gdfo_ray.api import _make_pools, build_space
     from gdfo_ray.driver import Driver
-    from gdfo_ray.prompt import make_space
     from gdfo_ray.tasks import load_task
 
     trial_dir = tune.get_context().get_trial_dir()
@@ -222,8 +221,7 @@ def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = No
     data = load_task(config.task, config.seed)
     teacher, student, _ = _make_pools(config, data, limiter_actor=limiter, token=token)
     try:
-        info = teacher.describe()
-        space = make_space(config.method, config.prompt, config.seed, info, teacher.embed_tokens)
+        _, space = build_space(config, teacher, student)
         state = None
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:

@@ -45,6 +45,9 @@ class SurrogateStudent:
     def _logits(self, z, rows, split):
         return torch.einsum("ncr,nr->nc", self.X[split][rows], z @ self.W.T + self.c)
 
+    def observe(self, Z, logits, rows):
+        """It learns from replayed batches only."""
+
     def distill(self, batches):
         for batch in batches:
             self.opt.zero_grad()
