@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 
 from gdfo_ray.exceptions import ConfigError
 
-METHODS = ("manual", "bbt", "bbtv2", "kd", "gdfo", "white_box")
+METHODS = ("manual", "bbt", "bbtv2", "kd", "gdfo", "white_box", "lq_cma")
 LOSSES = ("ce", "hinge")
 MODEL_KINDS = ("auto", "causal_lm", "masked_lm", "encoder")
 BACKENDS = ("ray", "local")

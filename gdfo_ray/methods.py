@@ -20,14 +20,18 @@ if TYPE_CHECKING:
     from gdfo_ray.driver import StepContext
 
 
-def make_es(config: GDFOConfig, seed: int):
-    """A CMA-ES on d dimensions from 0 with sigma0, run until the budget ends it (no stopping rule)."""
+def _import_cma():
     with warnings.catch_warnings():  # cma warns that its optional plotting backend is missing
         warnings.filterwarnings("ignore", message="Could not import matplotlib")
         import cma
+    return cma
 
+
+def make_es(config: GDFOConfig, seed: int, **extra):
+    """A CMA-ES on d dimensions from 0 with sigma0, run until the budget ends it (no stopping rule)."""
+    cma = _import_cma()
     options = {"popsize": config.popsize, "seed": seed, "verbose": -9, "maxiter": 10**9, "tolfun": 0, "tolx": 0,
-               "tolstagnation": 10**9, **config.search.cma_options}
+               "tolstagnation": 10**9, **extra, **config.search.cma_options}
     return cma.CMAEvolutionStrategy(np.zeros(config.prompt.intrinsic_dim), config.search.sigma0, options)
 
 
@@ -150,6 +154,59 @@ class GDFO(BBT):
         return info
 
 
+class LQCMA(BBT):
+    """lq-CMA-ES: CMA-ES with pycma's linear-quadratic surrogate (``cma.fitness_models``, Hansen 2019).
+
+    Each generation the surrogate ranks CMA-ES's population and the teacher answers only as
+    many candidates, best-predicted first, as the surrogate needs to agree with it (Kendall
+    tau >= 0.85); the others get the surrogate's values. The model's optimum is injected
+    into the next population, as ``cma.fmin_lq_surr2`` does. A generation costs 1 to
+    lambda calls, so a run ends once fewer than lambda calls are left: the peer of gdfo
+    for a user who wants fewer calls and has no student.
+    """
+
+    name = "lq_cma"
+
+    def __init__(self, config: GDFOConfig):
+        self.d = config.prompt.intrinsic_dim
+        self.calls_per_generation = config.popsize  # at most; the budget is charged per call
+        self.es = make_es(config, config.seed + 1)
+        self.surrogate = _import_cma().fitness_models.SurrogatePopulation(None)
+
+    def step(self, ctx: "StepContext") -> dict:
+        with ctx.timed("optimizer_s"):
+            X = self.es.ask()
+        paid = []
+
+        def fitness(x: np.ndarray) -> float:
+            F, _ = ctx.evaluate(np.asarray(x)[None])
+            paid.append(float(F[0]))
+            return paid[-1]
+
+        self.surrogate.fitness = fitness
+        try:
+            values = self.surrogate(X)
+        finally:
+            self.surrogate.fitness = None
+        with ctx.timed("optimizer_s"):
+            self.es.tell(X, list(values))
+            self.es.inject([self.surrogate.model.xopt])
+        return {"sigma": float(self.es.sigma), "evaluated": len(paid)}
+
+    def __getstate__(self) -> dict:
+        # The surrogate's settings hold a lambda, which pickle refuses: keep its model and counters.
+        state = dict(self.__dict__)
+        sur = state.pop("surrogate")
+        state["_surrogate"] = {"model": sur.model, "count": sur.count, "evaluations": sur.evaluations}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        saved = state.pop("_surrogate")
+        self.__dict__.update(state)
+        self.surrogate = _import_cma().fitness_models.SurrogatePopulation(None, model=saved["model"])
+        self.surrogate.count, self.surrogate.evaluations = saved["count"], saved["evaluations"]
+
+
 class KD(BaseMethod):
     """Ablation: the student alone moves z by its gradient; the teacher answers distillation queries."""
 
@@ -200,6 +257,6 @@ def make_method(config: GDFOConfig, n_layers: int = 1) -> BaseMethod:
     """The method ``config.method``; ``n_layers`` is the prompt space's layer count (bbtv2)."""
     if config.method == "bbtv2":
         return BBTv2(config, n_layers)
-    classes = {"manual": Manual, "bbt": BBT, "gdfo": GDFO, "kd": KD, "white_box": WhiteBox}
+    classes = {"manual": Manual, "bbt": BBT, "gdfo": GDFO, "kd": KD, "white_box": WhiteBox, "lq_cma": LQCMA}
     cls = classes[config.method]
     return cls() if cls is Manual else cls(config)

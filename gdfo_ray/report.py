@@ -24,7 +24,7 @@ from gdfo_ray.exceptions import GDFOError
 TASK_ORDER = ("sst2", "yelp_polarity", "ag_news", "dbpedia", "mrpc", "snli", "rte")
 TASK_TITLES = {"sst2": "SST-2", "yelp_polarity": "Yelp P.", "ag_news": "AG News", "dbpedia": "DBPedia",
                "mrpc": "MRPC", "snli": "SNLI", "rte": "RTE"}
-METHOD_ORDER = ("manual", "bbt", "bbtv2", "kd", "gdfo", "gdfo_random", "white_box")
+METHOD_ORDER = ("manual", "bbt", "bbtv2", "lq_cma", "kd", "gdfo", "gdfo_random", "white_box")
 
 
 def _ordered(values: Sequence[str], order: Sequence[str]) -> list:
@@ -92,7 +92,7 @@ def cost_table(rows: list[dict]) -> str:
 
 
 # Which side of a pair is the subject (A in "A − B"): the method listed first here.
-PAIR_PRIORITY = ("gdfo", "gdfo_random", "kd", "bbtv2", "bbt", "white_box", "manual")
+PAIR_PRIORITY = ("gdfo", "gdfo_random", "kd", "lq_cma", "bbtv2", "bbt", "white_box", "manual")
 BOOTSTRAP_RESAMPLES = 2000
 
 
