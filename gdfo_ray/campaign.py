@@ -73,6 +73,8 @@ class CampaignConfig:
         max_retries: how often Ray reruns a cell whose worker died (it resumes from
             its checkpoint). A cell that raises is not retried; it is recorded as failed.
         ray_address: a cluster to join, or ``local``; as ``pool.ray_address`` of a run.
+        reuse: an earlier campaign directory whose finished cells are copied in where every
+            setting that can change their result matches (:func:`reuse_cells`).
     """
 
     results_dir: str
@@ -86,8 +88,11 @@ class CampaignConfig:
     cell_gpus: float = 0.0
     max_retries: int = 1
     ray_address: Optional[str] = None
+    reuse: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.reuse is not None and not os.path.isdir(os.path.join(self.reuse, "cells")):
+            raise ConfigError(f"bench: --reuse {self.reuse!r} is not a campaign directory (it holds no cells/).")
         for name in ("tasks", "seeds", "methods"):
             value = tuple(getattr(self, name))
             if not value:
@@ -173,12 +178,25 @@ def is_finished(results_dir: str, cell: Cell) -> bool:
 
 def _check_finished_config(results_dir: str, cell: Cell) -> None:
     """A finished cell is only skipped if it ran with the config asked for now."""
+    differs = _saved_differences(cell_path(results_dir, "cells", cell), cell)
+    if differs:
+        raise ConfigError(
+            f"bench: {cell.name} already finished in {results_dir} with a different config ({differs}). "
+            "Either rerun with the same settings, or use another results directory."
+        )
+
+
+def _saved_differences(path: str, cell: Cell) -> list:
+    """The settings in which the finished cell at ``path`` differs from ``cell``, besides those that cannot
+    change its result: where it ran, and the student and the harmonized update of a method that uses neither."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(cell_path(results_dir, "cells", cell))
+    table = pq.read_table(path)
     saved = json.loads(table.column("config_json")[0].as_py())
     current = json.loads(json.dumps(cell.config.to_dict()))
     ignore = ("pool.", "service.", "output_dir")
+    if not cell.config.uses_student:
+        ignore += ("student.", "model.student", "harmonize.")
     # A key the saved config lacks came with a later version of gdfo-ray: ADDED_SETTINGS says the value that
     # reproduces the old run where the new default does not; otherwise the default does.
     flat_saved, flat_now = flatten_saved_config(saved), flatten_config(current)
@@ -187,11 +205,34 @@ def _check_finished_config(results_dir: str, cell: Cell) -> None:
     if labels is not None and _cap_never_reached(len(labels), flat_saved.get("task.max_test_examples"),
                                                  flat_now.get("task.max_test_examples")):
         differs = [k for k in differs if k != "task.max_test_examples"]
-    if differs:
-        raise ConfigError(
-            f"bench: {cell.name} already finished in {results_dir} with a different config ({differs}). "
-            "Either rerun with the same settings, or use another results directory."
-        )
+    return differs
+
+
+def reuse_cells(campaign: CampaignConfig, source_dir: str, say: Callable[[str], None] = print) -> list[str]:
+    """Copy into the campaign the cells ``source_dir`` finished with every setting that matters equal.
+
+    A bbt cell of an earlier campaign pairs with a new student's gdfo cells when only the student
+    differs. A cell whose settings differ is left to run, and named. Returns the cells copied.
+    """
+    import shutil
+
+    source_dir = os.path.abspath(source_dir)
+    reused = []
+    for cell in plan(campaign):
+        src = cell_path(source_dir, "cells", cell)
+        if is_finished(campaign.results_dir, cell) or not os.path.exists(src):
+            continue
+        differs = _saved_differences(src, cell)
+        if differs:
+            say(f"[bench] not reusing {cell.name} from {source_dir}: it differs in {differs}")
+            continue
+        for kind in ("curves", "cells"):  # the cells file last: its presence marks the cell finished
+            target = cell_path(campaign.results_dir, kind, cell)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(cell_path(source_dir, kind, cell), target + ".tmp")
+            os.replace(target + ".tmp", target)
+        reused.append(cell.name)
+    return reused
 
 
 def _cap_never_reached(n_scored: int, saved_cap: Optional[int], cap_now: Optional[int]) -> bool:
@@ -278,6 +319,9 @@ def _write_campaign_file(campaign: CampaignConfig) -> None:
     path = os.path.join(campaign.results_dir, "campaign.yaml")
     data = dataclasses.asdict(campaign)
     data.update(tasks=list(campaign.tasks), seeds=list(campaign.seeds), methods=list(campaign.methods))
+    if campaign.reuse is not None:  # where the reused cells came from, relative to this campaign
+        data["reuse"] = os.path.relpath(os.path.abspath(campaign.reuse), campaign.results_dir)
+    data["commit"] = _git_commit()
     runs = []
     if os.path.exists(path):  # a campaign directory may grow (more methods, seeds); keep what came before
         with open(path) as f:
@@ -286,6 +330,22 @@ def _write_campaign_file(campaign: CampaignConfig) -> None:
     with open(path + ".tmp", "w") as f:
         yaml.safe_dump({"invocations": runs}, f, sort_keys=False)
     os.replace(path + ".tmp", path)
+
+
+def _git_commit() -> Optional[str]:
+    """The commit of the gdfo-ray checkout that runs the campaign (None outside a git checkout)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 @dataclass
@@ -305,6 +365,9 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
     # Seed-major order: a campaign stopped early still has whole seeds of every task and method.
     cells = sorted(plan(campaign), key=lambda c: (campaign.seeds.index(c.seed), campaign.tasks.index(c.task),
                                                    campaign.methods.index(c.method)))
+    if campaign.reuse is not None:
+        reused = reuse_cells(campaign, campaign.reuse, say)
+        say(f"[bench] reused {len(reused)} finished cells of {campaign.reuse}" + (f": {', '.join(reused)}" if reused else ""))
     todo, skipped = [], []
     for cell in cells:
         if is_finished(campaign.results_dir, cell):

@@ -168,6 +168,9 @@ class _Bench(_BaseCommand):
         parser.add_argument("--cell-cpus", type=float, default=2.0, help="CPUs per cell (also its torch threads)")
         parser.add_argument("--cell-gpus", type=float, default=0.0, help="GPUs per cell")
         parser.add_argument("--max-retries", type=int, default=1, help="reruns of a cell whose worker died")
+        parser.add_argument("--reuse", metavar="DIR",
+                            help="an earlier campaign directory: its finished cells whose settings match are copied "
+                                 "in instead of run again (a bbt cell pairs with a new student's gdfo cells)")
         parser.add_argument("--ray-address",
                             help="cluster to join, or 'local' to start Ray here (default: $RAY_ADDRESS, else the "
                                  "one `ray start` registered on this machine, else Ray starts here)")
@@ -180,7 +183,7 @@ class _Bench(_BaseCommand):
         campaign = CampaignConfig(args.results, tuple(args.tasks), seeds_from(args.seeds), tuple(args.methods),
                                   budget=args.budget, base=base, split_seeds=args.split_seeds,
                                   cell_cpus=args.cell_cpus, cell_gpus=args.cell_gpus,
-                                  max_retries=args.max_retries, ray_address=args.ray_address)
+                                  max_retries=args.max_retries, ray_address=args.ray_address, reuse=args.reuse)
         result = run_campaign(campaign, say=lambda line: print(line, file=sys.stderr, flush=True))
         print(f"[bench] {len(result.finished)} cells finished now, {len(result.skipped)} before, "
               f"{len(result.failed)} failed; results in {campaign.results_dir}", file=sys.stderr)

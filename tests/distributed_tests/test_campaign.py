@@ -100,22 +100,57 @@ def test_cells_finished_before_a_setting_existed_match_only_its_old_behaviour(fi
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from gdfo_ray.campaign import _saved_differences
+
     campaign, _, _ = finished
     results = str(tmp_path / "results")
     shutil.copytree(campaign.results_dir, results)
-    for cell in plan(campaign):  # as an older gdfo-ray wrote them: no student.text_cache in the config
-        path = cell_path(results, "cells", cell)
-        table = pq.read_table(path)
-        config = json.loads(table.column("config_json")[0].as_py())
-        del config["student"]["text_cache"]
-        at = table.column_names.index("config_json")
-        pq.write_table(table.set_column(at, "config_json", pa.array([json.dumps(config)])), path)
-    with pytest.raises(ConfigError, match=r"student.text_cache"):  # the default now: not what those cells ran
-        run_campaign(_campaign(results, tiny_models, campaign_data), say=lambda _: None)
-    base = _campaign(results, tiny_models, campaign_data).base
-    old = {**base, "student": {**base["student"], "text_cache": False}}
-    again = run_campaign(_campaign(results, tiny_models, campaign_data, base=old), say=lambda _: None)
-    assert len(again.skipped) == 8 and not again.finished
+    kd = _campaign(results, tiny_models, campaign_data, methods=("kd",))
+    cell = next(c for c in plan(kd) if c.task == "sst2" and c.seed == 42)
+    source = next(c for c in plan(campaign) if c.task == "sst2" and c.seed == 42 and c.method == "bbt")
+    path = cell_path(results, "cells", source)
+    table = pq.read_table(path)
+    config = json.loads(table.column("config_json")[0].as_py())
+    config["method"] = "kd"  # a kd cell as an older gdfo-ray wrote it: no student.text_cache in the config
+    del config["student"]["text_cache"]
+    at = table.column_names.index("config_json")
+    pq.write_table(table.set_column(at, "config_json", pa.array([json.dumps(config)])), path)
+    # The default now (true) is not what that cell ran; false, the behaviour before the setting, is.
+    assert _saved_differences(path, cell) == ["student.text_cache"]
+    old = {**kd.base, "student": {**kd.base["student"], "text_cache": False}}
+    cell = next(c for c in plan(_campaign(results, tiny_models, campaign_data, methods=("kd",), base=old))
+                if c.task == "sst2" and c.seed == 42)
+    assert _saved_differences(path, cell) == []
+
+
+def test_a_new_students_campaign_reuses_the_finished_cells_it_can_pair_with(finished, tiny_models, campaign_data,
+                                                                             tmp_path):
+    import yaml
+
+    campaign, _, _ = finished
+    base = {**campaign.base, "model": {**campaign.base["model"], "student": "gp"},
+            "student": {**campaign.base["student"], "k_steps": 3}}
+    lines = []
+    new = _campaign(tmp_path / "gp", tiny_models, campaign_data, methods=("bbt",), base=base,
+                    reuse=campaign.results_dir)
+    outcome = run_campaign(new, say=lines.append)
+    # bbt builds no student: the student's settings cannot change its cells, so all four are copied, none run.
+    assert not outcome.finished and len(outcome.skipped) == 4
+    assert any("reused 4 finished cells" in line for line in lines)
+    old = {(r["task"], r["seed"]): r["test_score"] for r in read_results(campaign.results_dir) if r["method"] == "bbt"}
+    assert {(r["task"], r["seed"]): r["test_score"] for r in read_results(new.results_dir)} == old
+    saved = yaml.safe_load(open(os.path.join(new.results_dir, "campaign.yaml")))["invocations"][-1]
+    assert saved["reuse"] == os.path.relpath(campaign.results_dir, new.results_dir)  # relative: the folder travels
+    assert "commit" in saved
+    # A setting that changes the search is not reused: the cell is named and left to run.
+    lines = []
+    base["search"] = {**base["search"], "sigma0": 0.5}
+    other = _campaign(tmp_path / "sigma", tiny_models, campaign_data, methods=("bbt",), seeds=(42,), base=base,
+                      tasks=("sst2",), reuse=campaign.results_dir, budget=4)
+    run_campaign(other, say=lines.append)
+    assert any("not reusing sst2_bbt_seed42" in line and "search.sigma0" in line for line in lines)
+    with pytest.raises(ConfigError, match="not a campaign directory"):
+        _campaign(tmp_path / "x", tiny_models, campaign_data, reuse=str(tmp_path / "nowhere"))
 
 
 def test_a_test_cap_the_finished_cells_never_reached_keeps_them(finished, tiny_models, campaign_data):
