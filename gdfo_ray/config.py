@@ -385,23 +385,49 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class HarmonizeConfig:
-    """The harmonized update (METHOD.md, step 5).
+    """The harmonized update (METHOD.md, step 5; :func:`~gdfo_ray.harmonize.harmonize`).
+
+    The defaults are the update every campaign so far ran; the other settings are the
+    redesigns measured on the oracle student (issue 21).
 
     Args:
         eta: gradient step length in units of sigma * sqrt(d).
-        gamma: how far the mean moves toward z_GD, scaled by max(rho, 0); 0 = inject only.
+        gamma: how far the mean moves toward z_GD; 0 = inject only.
         control: ``random`` replaces -g by a random direction of the same step length.
+        gate: ``rho`` scales the mean's move by max(rho, 0), the agreement of -g with
+            CMA-ES's own step; ``none`` always moves it by gamma.
+        n_candidates: gradient candidates in each population, along -g at step lengths
+            eta x (..., 0.5, 1, 2) (a line search paid in calls: they take the place of
+            CMA-ES samples, so a generation costs lambda calls still).
+        mean_to_best: when a gradient candidate beats every CMA-ES sample of its
+            generation, the mean jumps to it.
+        warmup_steps: generations of plain gradient steps before CMA-ES takes over, one
+            call each: a step of eta sigma0 sqrt(d) along -g, kept if it lowers the loss
+            (then 1.5x longer), else halved.
+        keep_sigma: after the mean moved toward a gradient candidate, sigma does not fall
+            below its value before the generation.
     """
 
     eta: float = 0.5
     gamma: float = 0.5
     control: str = "none"
+    gate: str = "rho"
+    n_candidates: int = 1
+    mean_to_best: bool = False
+    warmup_steps: int = 0
+    keep_sigma: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("harmonize.eta", self.eta, allow_zero=True)
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"harmonize.gamma must be in [0, 1], but got {self.gamma!r}.")
         _check_choice("harmonize.control", self.control, CONTROLS)
+        _check_choice("harmonize.gate", self.gate, ("rho", "none"))
+        _check_int("harmonize.n_candidates", self.n_candidates, 1)
+        _check_int("harmonize.warmup_steps", self.warmup_steps, 0)
+        for name in ("mean_to_best", "keep_sigma"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"harmonize.{name} must be true or false, but got {getattr(self, name)!r}.")
 
 
 @dataclass(frozen=True)
@@ -550,6 +576,9 @@ class GDFOConfig:
                 "cut from the teacher."
             )
         popsize = self.search.resolved_popsize(self.prompt.intrinsic_dim)
+        if self.harmonize.n_candidates >= popsize:
+            raise ConfigError(f"harmonize.n_candidates={self.harmonize.n_candidates} leaves no CMA-ES sample in a "
+                              f"population of {popsize}. Choose at most {popsize - 1}, or raise search.popsize.")
         per_generation = 1 if self.method == "white_box" else popsize
         if self.method != "manual" and self.search.budget_calls < per_generation:
             raise ConfigError(
@@ -614,7 +643,9 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
 EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 
 # Settings added after runs were saved, with the value that reproduces what the code did before they existed.
-ADDED_SETTINGS: dict = {"student.text_cache": False, "student.gp_scale": 0.5, "student.gp_nugget": 0.01}
+ADDED_SETTINGS: dict = {"student.text_cache": False, "student.gp_scale": 0.5, "student.gp_nugget": 0.01,
+                        "harmonize.gate": "rho", "harmonize.n_candidates": 1, "harmonize.mean_to_best": False,
+                        "harmonize.warmup_steps": 0, "harmonize.keep_sigma": False}
 
 
 def flatten_saved_config(saved: Mapping[str, Any]) -> dict:

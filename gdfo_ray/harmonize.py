@@ -13,29 +13,49 @@ from typing import NamedTuple
 
 import numpy as np
 
+GATES = ("rho", "none")
+
 
 class Harmonized(NamedTuple):
-    z_gd: np.ndarray  # the gradient candidate, injected into the next population
+    z_gd: np.ndarray  # the gradient candidate at step length eta, which the mean moves toward
     m_next: np.ndarray  # the mean CMA-ES continues from
     rho: float  # agreement cos(-g, m' - m_t); 0 when either vector vanishes
+    candidates: np.ndarray  # (k, d) every gradient candidate for the next population (line_steps(k) x eta)
+    weight: float  # how far the mean moved toward z_gd, in [0, gamma]
+
+
+def line_steps(n: int) -> np.ndarray:
+    """The step lengths, in units of eta, of ``n`` gradient candidates: doubling around 1.
+
+    >>> line_steps(1).tolist(), line_steps(3).tolist(), line_steps(4).tolist()
+    ([1.0], [0.5, 1.0, 2.0], [0.25, 0.5, 1.0, 2.0])
+    """
+    return 2.0 ** (np.arange(n) - n // 2)
 
 
 def harmonize(m_prev: np.ndarray, m_new: np.ndarray, sigma: float, grad: np.ndarray, eta: float,
-              gamma: float) -> Harmonized:
-    """``z_GD = m' - eta sigma' sqrt(d) g/||g||``; ``m_next = m' + gamma max(rho, 0) (z_GD - m')``.
+              gamma: float, gate: str = "rho", n_candidates: int = 1) -> Harmonized:
+    """``z_GD(s) = m' - s eta sigma' sqrt(d) g/||g||`` for s in :func:`line_steps`; ``m_next = m' + w (z_GD(1) - m')``.
+
+    ``w = gamma max(rho, 0)`` with ``gate="rho"`` (the mean follows the gradient only as far
+    as CMA-ES's own step agrees with it), ``w = gamma`` with ``gate="none"``.
 
     >>> h = harmonize(np.zeros(2), np.array([1.0, 0.0]), 1.0, np.array([-1.0, 0.0]), 0.5, 1.0)
     >>> h.rho, h.z_gd.round(3).tolist(), h.m_next.round(3).tolist()
     (1.0, [1.707, 0.0], [1.707, 0.0])
     """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {list(GATES)}, but got {gate!r}.")
     d = m_new.shape[0]
     g_norm = float(np.linalg.norm(grad))
     if g_norm == 0.0 or not np.isfinite(g_norm):
-        return Harmonized(m_new.copy(), m_new.copy(), 0.0)
+        return Harmonized(m_new.copy(), m_new.copy(), 0.0, m_new[None].copy(), 0.0)
     direction = -grad / g_norm
-    z_gd = m_new + eta * sigma * np.sqrt(d) * direction
+    step = eta * sigma * np.sqrt(d)
+    candidates = m_new[None] + (line_steps(n_candidates) * step)[:, None] * direction[None]
+    z_gd = m_new + step * direction
     move = m_new - m_prev
     move_norm = float(np.linalg.norm(move))
     rho = float(direction @ move / move_norm) if move_norm > 0 else 0.0
-    m_next = m_new + gamma * max(rho, 0.0) * (z_gd - m_new)
-    return Harmonized(z_gd, m_next, rho)
+    weight = gamma * (max(rho, 0.0) if gate == "rho" else 1.0)
+    return Harmonized(z_gd, m_new + weight * (z_gd - m_new), rho, candidates, weight)

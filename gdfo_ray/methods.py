@@ -122,33 +122,92 @@ class BBTv2(BaseMethod):
 
 
 class GDFO(BBT):
-    """CMA-ES plus the student's gradient candidate and the harmonized mean (METHOD.md, 1-5)."""
+    """CMA-ES plus the student's gradient candidates and the harmonized mean (METHOD.md, 1-5).
+
+    One generation: the gradient candidates of the last one join CMA-ES's population; after
+    tell, the mean may jump to a gradient candidate that beat every sample (``mean_to_best``);
+    then the student's gradient at the mean gives the next candidates and the mean's move
+    (:func:`~gdfo_ray.harmonize.harmonize`). ``warmup_steps`` generations of plain gradient
+    steps, one call each, come first.
+    """
 
     name = "gdfo"
 
     def __init__(self, config: GDFOConfig):
         super().__init__(config)
         self.h = config.harmonize
-        self.z_gd: Optional[np.ndarray] = None
+        self.z_gd: Optional[np.ndarray] = None  # (k, d): the gradient candidates of the next population
+        self.popsize = config.popsize
+        self.warmup = None  # [z, its loss, step length, steps left] while warming up
+        if self.h.warmup_steps:
+            self.calls_per_generation = 1
+            self.warmup = [np.zeros(self.d), float("inf"), self.h.eta * config.search.sigma0 * np.sqrt(self.d),
+                           self.h.warmup_steps]
 
-    def step(self, ctx: "StepContext") -> dict:
-        injected = self.z_gd is not None
-        if injected:
-            self.es.inject([self.z_gd], force=True)  # ask() returns injected solutions first
-        m_prev = self.es.mean.copy()
-        Z, F, logits, info = self._ask_tell(ctx, predict=True)
-        m_new = self.es.mean.copy()
+    def _direction(self, ctx: "StepContext", z: np.ndarray) -> tuple[float, np.ndarray]:
+        """The student's loss and gradient at z; with the random control, a random direction instead."""
         # With student.overlap_distill this gradient comes from a student one generation behind: its steps on
         # this generation's answers run during the next generation's teacher calls.
-        info["student_loss"], grad = ctx.student.grad_z(m_new)
+        loss, grad = ctx.student.grad_z(z)
         if self.h.control == "random":  # same step length, direction unrelated to the student
             grad = ctx.rng.normal(size=self.d)
+        return loss, grad
+
+    def _warmup_step(self, ctx: "StepContext") -> dict:
+        z, best, step, left = self.warmup
+        loss, grad = self._direction(ctx, z)
+        norm = float(np.linalg.norm(grad))
+        candidate = z - step * grad / norm if norm > 0 else z.copy()
+        F, logits = ctx.evaluate(candidate[None])
+        accepted = bool(F[0] < best)
+        if accepted:
+            z, best, step = candidate, float(F[0]), step * 1.5
+        else:
+            step *= 0.5
+        self.warmup = [z, best, step, left - 1]
+        if left == 1:  # CMA-ES takes over from the best point of the warm-up
+            self.es.mean = z.copy()
+            self.warmup, self.calls_per_generation = None, self.popsize
+        if ctx.overlap_distill:
+            kd = ctx.previous_distill_loss()
+            ctx.distill_later(candidate[None], logits, F)
+        else:
+            kd = ctx.distill(candidate[None], logits, F)
+        return {"student_loss": loss, "warmup_accepted": float(accepted), "kd_loss": kd}
+
+    def __setstate__(self, state: dict) -> None:
+        # A checkpoint of a version with one gradient candidate and no warm-up.
+        if state.get("z_gd") is not None and np.ndim(state["z_gd"]) == 1:
+            state["z_gd"] = np.asarray(state["z_gd"])[None]
+        state.setdefault("warmup", None)
+        state.setdefault("popsize", state["calls_per_generation"])
+        self.__dict__.update(state)
+
+    def step(self, ctx: "StepContext") -> dict:
+        if self.warmup is not None:
+            return self._warmup_step(ctx)
+        injected = 0 if self.z_gd is None else len(self.z_gd)
+        if injected:
+            self.es.inject(list(self.z_gd), force=True)  # ask() returns injected solutions first
+        m_prev, sigma_before = self.es.mean.copy(), float(self.es.sigma)
+        Z, F, logits, info = self._ask_tell(ctx, predict=True)
+        jumped = False
+        if self.h.mean_to_best and injected:
+            i = int(np.argmin(F[:injected]))
+            if F[i] < F[injected:].min():
+                self.es.mean, jumped = Z[i].copy(), True
+        m_new = self.es.mean.copy()
+        info["student_loss"], grad = self._direction(ctx, m_new)
         with ctx.timed("optimizer_s"):
-            result = harmonize(m_prev, m_new, float(self.es.sigma), grad, self.h.eta, self.h.gamma)
+            result = harmonize(m_prev, m_new, float(self.es.sigma), grad, self.h.eta, self.h.gamma, self.h.gate,
+                               self.h.n_candidates)
             self.es.mean = result.m_next
-        self.z_gd = result.z_gd
+            if self.h.keep_sigma and (jumped or result.weight > 0):
+                self.es.sigma = max(float(self.es.sigma), sigma_before)
+        self.z_gd = result.candidates
         info["rho"] = result.rho
-        info["z_gd_rank"] = int(1 + (F < F[0]).sum()) if injected else None
+        info["z_gd_rank"] = int(1 + (F < F[:injected].min()).sum()) if injected else None
+        info["mean_jumped"] = float(jumped) if self.h.mean_to_best else None
         if ctx.overlap_distill:
             ctx.distill_later(Z, logits, F)
         return info
