@@ -251,13 +251,23 @@ class _Report(_BaseCommand):
     help = "Summarize a campaign: a Markdown table (mean ± std over seeds per task and method) and PNG plots."
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("results", help="campaign directory of gdfo bench")
+        parser.add_argument("results", nargs="+", help="campaign directory of gdfo bench (several with --ladder)")
         parser.add_argument("--out", help="where report.md and the plots go (default: RESULTS/report)")
+        parser.add_argument("--ladder", action="store_true",
+                            help="one campaign directory per student: gdfo − bbt against each student's median "
+                                 "fidelity (ladder.md, ladder.png; --out is required)")
 
     def take_action(self, args: argparse.Namespace) -> int:
-        from gdfo_ray.report import build_report
+        from gdfo_ray.report import build_report, ladder_report
 
-        path = build_report(args.results, args.out)
+        if args.ladder:
+            if not args.out:
+                raise GDFOError("gdfo report --ladder needs --out DIR for ladder.md and ladder.png.")
+            path = ladder_report(args.results, args.out)
+        elif len(args.results) > 1:
+            raise GDFOError("gdfo report takes one campaign directory; pass --ladder to compare several students.")
+        else:
+            path = build_report(args.results[0], args.out)
         with open(path) as f:
             print(f.read())
         print(f"[report] written to {path}", file=sys.stderr)

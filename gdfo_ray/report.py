@@ -443,3 +443,94 @@ def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:
         f.write("\n".join(parts))
     return path
 
+
+
+def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES) -> list[dict]:
+    """One rung per campaign directory: its student, the median fidelity of its gdfo cells, gdfo − bbt.
+
+    Each directory is one student's campaign (``gdfo bench --set model.student=...``) with bbt
+    cells to pair with (run there or copied in by ``--reuse``). Rungs come out by fidelity.
+    """
+    rungs = []
+    for folder in results_dirs:
+        rows = read_results(folder, "cells")
+        gdfo = [r for r in rows if r["method"] == "gdfo"]
+        if not gdfo:
+            raise GDFOError(f"{folder} has no finished gdfo cell: a rung of the ladder needs gdfo and bbt cells.")
+        students = sorted({json.loads(r["config_json"])["model"]["student"] for r in gdfo})
+        if len(students) > 1:
+            raise GDFOError(f"{folder} holds gdfo cells of several students {students}: one campaign per student.")
+        fids = [r["median_fidelity"] for r in gdfo if r.get("median_fidelity") is not None]
+        vs_bbt = paired_differences(rows, "gdfo", "bbt", n_boot)
+        if vs_bbt is None:
+            raise GDFOError(f"{folder} has no bbt cell sharing a task and seed with its gdfo cells.")
+        rungs.append({"dir": folder, "student": students[0], "oracle": students[0] == "oracle",
+                      "fidelity": float(np.median(fids)) if fids else float("nan"), "cells": vs_bbt["cells"],
+                      "seeds": sorted({int(r["seed"]) for r in gdfo}), "vs_bbt": vs_bbt,
+                      "vs_random": paired_differences(rows, "gdfo", "gdfo_random", n_boot)})
+    return sorted(rungs, key=lambda r: (np.nan_to_num(r["fidelity"], nan=-2.0), r["student"]))
+
+
+def ladder_threshold(rungs: list[dict]) -> str:
+    """Where gdfo starts to pay off: the least faithful rung from which every more faithful one beats bbt."""
+    paying = [r["vs_bbt"]["lo"] > 0 for r in rungs]
+    if not any(paying):
+        return "gdfo − bbt has an interval above zero at no rung: gdfo does not pay off with any of these students."
+    first = len(paying)
+    while first > 0 and paying[first - 1]:
+        first -= 1
+    if first == len(paying):
+        return ("gdfo − bbt's interval lies above zero at some rungs but not at the most faithful one: "
+                "no threshold of fidelity separates them.")
+    rung = rungs[first]
+    return (f"gdfo − bbt's interval lies above zero from median fidelity {rung['fidelity']:+.2f} "
+            f"({rung['student']}) up: below that gdfo does not pay off.")
+
+
+def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTSTRAP_RESAMPLES) -> str:
+    """``ladder.md`` and ``ladder.png``: gdfo − bbt against each student's median fidelity."""
+    rungs = ladder_rows(results_dirs, n_boot)
+    os.makedirs(out_dir, exist_ok=True)
+    lines = ["# When does the student's gradient pay off?", "",
+             "One rung per student: the median over its gdfo cells of each run's median fidelity, and gdfo − bbt "
+             "(and gdfo − its random-direction control, where run) in test points, paired on (task, seed), with "
+             "95% bootstrap intervals over seeds and test rows. Bold: the interval excludes zero.", "",
+             "| student | campaign | seeds | cells | median fidelity | gdfo − bbt | 95% CI | gdfo − gdfo_random |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rungs:
+        v, c = r["vs_bbt"], r["vs_random"]
+        bold = "**" if v["lo"] > 0 or v["hi"] < 0 else ""
+        name = f"{r['student']} †" if r["oracle"] else r["student"]
+        control = "–" if c is None else f"{_pp(c['diff'])} [{_pp(c['lo'])}, {_pp(c['hi'])}]"
+        lines.append(f"| {name} | `{os.path.relpath(r['dir'], out_dir)}` | {' '.join(map(str, r['seeds']))} | "
+                     f"{r['cells']} | {r['fidelity']:+.2f} | {bold}{_pp(v['diff'])}{bold} | "
+                     f"[{_pp(v['lo'])}, {_pp(v['hi'])}] | {control} |")
+    if any(r["oracle"] for r in rungs):
+        lines += ["", f"† {ORACLE_NOTE}."]
+    lines += ["", ladder_threshold(rungs), "", "![ladder.png](ladder.png)", ""]
+    _plot_ladder(rungs, os.path.join(out_dir, "ladder.png"))
+    path = os.path.join(out_dir, "ladder.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def _plot_ladder(rungs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rungs:
+        v = r["vs_bbt"]
+        y, lo, hi = 100 * v["diff"], 100 * v["lo"], 100 * v["hi"]
+        ax.errorbar([r["fidelity"]], [y], yerr=[[y - lo], [hi - y]], fmt="s" if r["oracle"] else "o", capsize=4)
+        ax.annotate(r["student"] + (" (oracle: not a black box)" if r["oracle"] else ""), (r["fidelity"], y),
+                    textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set(xlabel="median fidelity of the student (Spearman)", ylabel="gdfo − bbt, test points (95% CI)",
+           title="gdfo − bbt against the student's fidelity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

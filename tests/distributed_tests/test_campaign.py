@@ -209,3 +209,35 @@ def test_gdfo_random_is_gdfo_with_the_random_direction_control(tiny_models, camp
     assert control.config.output_dir.endswith("sst2_gdfo_random_seed42")
     with pytest.raises(ConfigError, match="methods \\['gdfo_rand'\\] are unknown"):
         _campaign(tmp_path, tiny_models, campaign_data, methods=("gdfo_rand",))
+
+
+def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished, tiny_models, campaign_data, tmp_path):
+    from gdfo_ray.report import ladder_report, ladder_rows, ladder_threshold
+
+    campaign, _, _ = finished
+    dirs = []
+    for student in ("oracle", "gp"):
+        base = {**campaign.base, "model": {**campaign.base["model"], "student": student}}
+        rung = _campaign(tmp_path / student, tiny_models, campaign_data, tasks=("sst2",), methods=("bbt", "gdfo"),
+                         base=base, reuse=campaign.results_dir)
+        outcome = run_campaign(rung, say=lambda _: None)
+        assert len(outcome.finished) == 2 and not outcome.failed  # gdfo ran; bbt was copied in
+        dirs.append(rung.results_dir)
+    rungs = ladder_rows(dirs, n_boot=200)
+    assert [r["student"] for r in rungs][-1] == "oracle"  # by fidelity: the oracle ranks as the teacher does
+    assert rungs[-1]["fidelity"] == pytest.approx(1.0) and rungs[-1]["cells"] == 2
+    for r in rungs:  # the rung's gdfo − bbt is the paired difference of its own cells
+        gdfo = {x["seed"]: x["test_score"] for x in read_results(r["dir"]) if x["method"] == "gdfo"}
+        bbt = {x["seed"]: x["test_score"] for x in read_results(r["dir"]) if x["method"] == "bbt"}
+        assert r["vs_bbt"]["diff"] == pytest.approx(np.mean([gdfo[s] - bbt[s] for s in gdfo]))
+    path = ladder_report(dirs, str(tmp_path / "ladder"), n_boot=200)
+    text = open(path).read()
+    assert "| oracle † |" in text and "breaks the black-box premise" in text
+    assert ladder_threshold(rungs) in text and os.path.exists(tmp_path / "ladder" / "ladder.png")
+    pay = [{**r, "vs_bbt": {**r["vs_bbt"], "lo": lo}} for r, lo in zip(rungs, (-0.01, 0.02))]
+    assert "from median fidelity +1.00 (oracle) up" in ladder_threshold(pay)
+    assert "at no rung" in ladder_threshold([{**r, "vs_bbt": {**r["vs_bbt"], "lo": -0.1}} for r in rungs])
+    from gdfo_ray import GDFOError
+
+    with pytest.raises(GDFOError, match="no finished gdfo cell"):
+        ladder_rows([campaign.results_dir])
