@@ -12,7 +12,11 @@ so the service sees every attempt of those calls. It prints:
 - p50/p99 latency of a call (all its attempts and waits) and of an answered attempt;
 - 429s the service sent and the retries the clients made;
 - calls asked for (distinct keys answered) against calls billed: no double billing;
-- the service's resident memory per window (flat once its bounded caches are full).
+- the service's resident memory per window (flat once its bounded caches are full);
+- with ``--hostile-clients``, what attackers sent beside the good calls (raw over sockets: malformed
+  headers carrying the token, wrong tokens, lone surrogates, deep nesting, bad gzip, lying lengths,
+  bodies of ``--hostile-mb`` MB of tiny JSON values), the statuses they got (never a 5xx), that no
+  good call failed, the service's peak memory, and the health check's latency meanwhile.
 
 Example::
 
@@ -28,6 +32,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -46,15 +51,19 @@ def start_service(args, token: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "gdfo_ray.cli", "serve", "--port", str(port), "--rate-limit", str(args.rate),
            "--rate-burst", str(args.burst), "--idempotency-cache", str(args.idempotency_cache),
-           "--max-queue", "100000"]
+           "--max-queue", "100000", "--max-body-mb", str(args.max_body_mb)]
     cmd += ["--model", args.model, "--threads", "1"] if args.model else ["--simulate-latency", str(args.latency)]
+    # Its log goes to a file: a pipe nobody reads fills up, and a service blocked writing its log answers no one.
+    log = tempfile.NamedTemporaryFile("w+", prefix="gdfo-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, env={**os.environ, "GDFO_SERVE_TOKEN": token}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=log, text=True)
+    proc.log_path = log.name
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gdfo serve exited: {proc.stderr.read()[-2000:]}")
+            with open(log.name) as f:
+                raise RuntimeError(f"gdfo serve exited: {f.read()[-2000:]}")
         try:
             if requests.get(url + "/v1/health", timeout=2).ok:
                 return proc, url
@@ -62,6 +71,43 @@ def start_service(args, token: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("gdfo serve did not come up in 120 s")
+
+
+def hostile_requests(token: str, mb: float) -> list[tuple[str, bytes]]:
+    """What an attacker sends, as raw bytes: (name, request)."""
+    import json
+
+    def request(body: bytes, headers: bytes = b"", auth: bytes = b"Bearer " + token.encode(),
+                length: "int | None" = None) -> bytes:
+        length = len(body) if length is None else length
+        return (b"POST /v1/score HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + auth + b"\r\n"
+                + headers + b"Content-Length: " + str(length).encode() + b"\r\n\r\n" + body)
+
+    good = {"template": "{prompt} {text} It was {mask}", "verbalizer": ["bad", "great"],
+            "prompt": {"dtype": "float32", "shape": [1, 1], "data": "AAAAAA=="}, "inputs": [{"text": "x"}]}
+    n = int(mb * 2**20 // 3)
+    return [
+        ("token in a malformed header", b"GET /v1/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+         + token.encode() + b"\r\r\nConnection: close\r\n\r\n"),
+        ("wrong token, not UTF-8", request(b"{}", auth=b"Bearer \xff\xfe")),
+        ("lone surrogate", request(json.dumps({**good, "inputs": [{"text": "\ud800"}]}).encode())),
+        ("nested 1,000 deep", request(b"[" * 1000 + b"]" * 1000)),
+        ("unknown charset", request(b"{}", b"Content-Type: application/json; charset=klingon\r\n")),
+        ("gzip that is not", request(b"plain", b"Content-Encoding: gzip\r\n")),
+        ("a length that lies (10^12)", request(b"{}", length=10**12)),
+        (f"{mb:g} MB of tiny values", request(b"[" + b"{}," * n + b"{}]")),
+    ]
+
+
+def send_raw(url: str, data: bytes, timeout: float = 60.0) -> int:
+    """Send ``data`` over a socket; the status answered, or 0 if the connection closed without one."""
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        head = sock.recv(64)
+    return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.") else 0
 
 
 def make_client(url: str, token: str, timeout_s: float):
@@ -89,6 +135,10 @@ def main(argv=None) -> int:
                    help="calls whose first attempt times out on the client (then retried with the same key)")
     p.add_argument("--idempotency-cache", type=int, default=1000,
                    help="the service's bound on remembered keys (small: the bound is reached during the run)")
+    p.add_argument("--hostile-clients", type=int, default=0,
+                   help="attacker threads sending hostile requests over raw sockets beside the good clients")
+    p.add_argument("--hostile-mb", type=float, default=20.0, help="size of the attackers' bodies of tiny values")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="the service's --max-body-mb")
     args = p.parse_args(argv)
     import psutil
 
@@ -153,7 +203,36 @@ def main(argv=None) -> int:
                 asked.append(key)
                 call_s.append(time.monotonic() - t0)
 
+    hostile = hostile_requests(token, args.hostile_mb)
+    hostile_status: dict = {}  # (name, status) -> count
+    health_s: list = []
+    peak = {"rss": service.memory_info().rss}
+
+    def attacker(i: int) -> None:
+        r = random.Random(1000 + i)
+        while not stop.is_set():
+            name, data = r.choice(hostile)
+            try:
+                status = send_raw(url, data)
+            except OSError as e:  # the service may close on a refused body before it is all sent
+                status = f"closed ({type(e).__name__})"
+            with lock:
+                hostile_status[(name, status)] = hostile_status.get((name, status), 0) + 1
+
+    def watcher() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                requests.get(url + "/v1/health", timeout=30)
+                health_s.append(time.monotonic() - t0)
+            except requests.RequestException:
+                health_s.append(float("inf"))
+            peak["rss"] = max(peak["rss"], service.memory_info().rss)
+            time.sleep(0.1)
+
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.clients)]
+    threads += [threading.Thread(target=attacker, args=(i,), daemon=True) for i in range(args.hostile_clients)]
+    threads.append(threading.Thread(target=watcher, daemon=True))
     stats0 = requests.get(url + "/v1/stats", headers=headers, timeout=10).json()
     t_start = time.monotonic()  # the windows count from here: starting 64 busy threads delays the main one
     last_billed, last_t = stats0.get("billed", 0), t_start
@@ -180,6 +259,10 @@ def main(argv=None) -> int:
     stats = requests.get(url + "/v1/stats", headers=headers, timeout=10).json()
     proc.terminate()
     proc.wait(timeout=30)
+    with open(proc.log_path) as f:
+        log_lines = f.read().splitlines()
+    if os.environ.get("GDFO_KEEP_SERVE_LOG") is None:
+        os.remove(proc.log_path)
 
     honoured = violated = 0
     for tries in attempts.values():
@@ -205,9 +288,25 @@ def main(argv=None) -> int:
     print(f"- calls asked for (distinct keys answered): {len(set(asked))}; billed: {billed} "
           f"({'equal' if billed == len(set(asked)) else 'DIFFERENT'})")
     print(f"- service RSS: first window {rss[0]:.1f} MB, last {rss[-1]:.1f} MB, max {max(rss):.1f} MB")
+    print(f"- service peak RSS (sampled every 0.1 s): {peak['rss'] / 2**20:.1f} MB; health check latency: p50 "
+          f"{np.percentile(health_s, 50) * 1e3:.0f} ms, p99 {np.percentile(health_s, 99) * 1e3:.0f} ms, "
+          f"max {max(health_s) * 1e3:.0f} ms over {len(health_s)} checks")
+    server_errors = 0
+    if args.hostile_clients:
+        sent = sum(hostile_status.values())
+        print(f"- hostile requests: {sent} from {args.hostile_clients} attackers beside the good calls; good calls "
+              f"that failed: {len(errors)}")
+        leaked = sum(token in line for line in log_lines)
+        tracebacks = sum(line.startswith("Traceback") for line in log_lines)
+        print(f"- the service's log: {len(log_lines)} lines, {tracebacks} tracebacks, {leaked} holding the token")
+        print("  | hostile request | status | count |\n  |---|---|---|")
+        for (name, status), count in sorted(hostile_status.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            print(f"  | {name} | {status} | {count} |")
+            server_errors += isinstance(status, int) and status >= 500
     if errors:
         print("errors:", errors[:5])
-    ok = billed == len(set(asked)) and not errors and stats.get("server_error", 0) == 0 and not violated
+    ok = (billed == len(set(asked)) and not errors and stats.get("server_error", 0) == 0 and not violated
+          and not server_errors)
     return 0 if ok else 1
 
 

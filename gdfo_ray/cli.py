@@ -127,10 +127,17 @@ class _Serve(_BaseCommand):
         parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
         parser.add_argument("--max-queue", type=int, default=d.max_queue, help="queued calls before 429")
         parser.add_argument("--rate-limit", type=float, help="calls per second accepted (429 above)")
-        parser.add_argument("--rate-burst", type=int, default=d.rate_burst)
+        parser.add_argument("--rate-burst", type=int, default=d.rate_burst,
+                            help="units the limit lets through at once (the heaviest request it can ever admit)")
+        parser.add_argument("--rate-unit", default=d.rate_unit, choices=("calls", "rows", "tokens"),
+                            help="what --rate-limit counts: calls (default), rows (prompt x input) or tokens")
         parser.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="largest request body")
+        parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s, dest="body_timeout_s",
+                            help="seconds a request's body may take to arrive (408 after)")
         parser.add_argument("--idempotency-cache", type=int, default=d.idempotency_cache,
                             help="answers kept for retried calls (by Idempotency-Key)")
+        parser.add_argument("--idempotency-cache-mb", type=float, default=d.idempotency_cache_mb,
+                            help="memory those answers may take together (MB)")
         parser.add_argument("--simulate-latency", type=float, dest="simulate_latency_s",
                             help="serve a simulated black box with this latency (s) instead of a model")
         parser.add_argument("--simulate-hidden", type=int, default=d.simulate_hidden,
@@ -141,7 +148,8 @@ class _Serve(_BaseCommand):
 
         fields = ("model", "host", "port", "token", "kind", "dtype", "device", "threads", "max_batch_rows",
                   "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens", "max_queue", "rate_limit",
-                  "rate_burst", "max_body_mb", "idempotency_cache", "simulate_latency_s", "simulate_hidden")
+                  "rate_burst", "rate_unit", "max_body_mb", "body_timeout_s", "idempotency_cache",
+                  "idempotency_cache_mb", "simulate_latency_s", "simulate_hidden")
         serve(ServeConfig(**{f: getattr(args, f) for f in fields}),
               say=lambda line: print(line, file=sys.stderr, flush=True))
         return 0

@@ -31,10 +31,10 @@ class Pacer:
         self.rate, self.burst = rate, burst
         self._tat = float("-inf")  # theoretical arrival time of the next call
 
-    def _start(self, now: float) -> tuple[float, float]:
+    def _start(self, now: float, weight: float = 1.0) -> tuple[float, float]:
         interval = 1.0 / self.rate
         tat = max(self._tat, now)
-        return max(now, tat - (self.burst - 1) * interval), tat + interval
+        return max(now, tat - (self.burst - weight) * interval), tat + weight * interval
 
     def reserve(self, now: float) -> float:
         """Book the next slot; returns how long to wait before starting the call."""
@@ -43,15 +43,27 @@ class Pacer:
         start, self._tat = self._start(now)
         return round(start - now, 9)
 
-    def try_acquire(self, now: float) -> float:
-        """Book a slot only if it is free now: 0.0, else the seconds until one is (nothing booked)."""
+    def try_acquire(self, now: float, weight: float = 1.0) -> float:
+        """Book ``weight`` slots only if they are free now: 0.0, else the seconds until they are (nothing booked).
+
+        A weight above ``burst`` can never be booked (see :meth:`fits`).
+
+        >>> p = Pacer(rate=10.0, burst=20)
+        >>> p.try_acquire(0.0, weight=15), p.try_acquire(0.0, weight=10), p.try_acquire(0.5, weight=10)
+        (0.0, 0.5, 0.0)
+        """
         if self.rate is None:
             return 0.0
-        start, tat = self._start(now)
+        start, tat = self._start(now, weight)
         if start > now:
             return round(start - now, 9)
         self._tat = tat
         return 0.0
+
+
+def pacer_fits(pacer: Pacer, weight: float) -> bool:
+    """Whether a call of ``weight`` can ever pass ``pacer`` (its burst holds it)."""
+    return pacer.rate is None or weight <= pacer.burst
 
 
 class LocalLimiter:

@@ -44,13 +44,14 @@ import numpy as np
 
 from gdfo_ray.config import _check_int, _check_positive
 from gdfo_ray.exceptions import ConfigError
-from gdfo_ray.ratelimit import Pacer
+from gdfo_ray.ratelimit import Pacer, pacer_fits
 from gdfo_ray.wire import WireError, decode_array, encode_array
 
 log = logging.getLogger("gdfo_ray.serve")
 
 TOKEN_ENV = "GDFO_SERVE_TOKEN"
 _SCORE_FIELDS = {"template", "verbalizer", "prompt", "inputs", "max_text_tokens"}
+RATE_UNITS = ("calls", "rows", "tokens")
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,16 @@ class ServeConfig:
         max_batch_rows: (prompt x input) rows one batch may take across concurrent requests.
         max_rows_per_forward: rows per forward inside a batch (small chunks stay in cache).
         max_inputs, max_text_chars, max_text_tokens, max_prompt_tokens, max_classes: request limits.
-        max_body_mb: largest request body.
+        max_body_mb: largest request body (after decompression); a larger declared
+            ``Content-Length`` is refused before anything is read.
+        body_timeout_s: how long a request's body may take to arrive (408 after).
         max_queue: requests waiting for the model; beyond it the service answers 429.
-        rate_limit, rate_burst: requests per second accepted (None: no limit); above it, 429.
-        idempotency_cache: answers kept for retried calls (by ``Idempotency-Key``).
+        rate_limit, rate_burst: units per second accepted (None: no limit); above it, 429.
+        rate_unit: what the rate limit counts: ``calls`` (one per request), ``rows`` (prompt x
+            input rows of a request) or ``tokens`` (the tokens of its rows, prompt included).
+            A request that weighs more than ``rate_burst`` can never pass and gets a 413.
+        idempotency_cache, idempotency_cache_mb: answers kept for retried calls (by
+            ``Idempotency-Key``), at most this many and this many MB together (oldest dropped).
         simulate_latency_s: serve a simulated black box with this fixed latency instead of a
             model (benchmarks, tests); its logits are a fixed function of prompt and text.
         simulate_hidden: the simulated model's hidden size.
@@ -90,10 +97,13 @@ class ServeConfig:
     max_prompt_tokens: int = 256
     max_classes: int = 64
     max_body_mb: float = 64.0
+    body_timeout_s: float = 30.0
     max_queue: int = 1024
     rate_limit: Optional[float] = None
     rate_burst: int = 1
+    rate_unit: str = "calls"
     idempotency_cache: int = 8192
+    idempotency_cache_mb: float = 256.0
     simulate_latency_s: Optional[float] = None
     simulate_hidden: int = 64
 
@@ -108,6 +118,10 @@ class ServeConfig:
         _check_int("max_classes", self.max_classes, 2)
         _check_int("threads", self.threads, 0)
         _check_positive("max_body_mb", self.max_body_mb)
+        _check_positive("body_timeout_s", self.body_timeout_s)
+        _check_positive("idempotency_cache_mb", self.idempotency_cache_mb)
+        if self.rate_unit not in RATE_UNITS:
+            raise ConfigError(f"rate_unit must be one of {list(RATE_UNITS)}, but got {self.rate_unit!r}.")
         if self.rate_limit is not None:
             _check_positive("rate_limit", self.rate_limit)
         if self.simulate_latency_s is not None:
@@ -117,7 +131,17 @@ class ServeConfig:
 
     def limits(self) -> dict:
         return {k: getattr(self, k) for k in ("max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens",
-                                              "max_classes", "max_body_mb", "max_batch_rows")}
+                                              "max_classes", "max_body_mb", "max_batch_rows", "body_timeout_s",
+                                              "rate_unit")} | {"max_json_elements": self.max_json_elements}
+
+    @property
+    def max_json_elements(self) -> int:
+        """Values (objects, arrays, members) a body may hold: what the largest valid request needs, and room.
+
+        Checked before a body is parsed, so that a body of many tiny values (``[{},{},...]``) is
+        refused before it becomes millions of Python objects.
+        """
+        return 4 * self.max_inputs + 2 * self.max_classes + 4096 + 64
 
 
 @dataclass
@@ -134,6 +158,15 @@ class ScoreRequest:
         return len(self.texts)
 
 
+def _check_unicode(value: str, name: str) -> str:
+    """A JSON string may carry a lone surrogate (``"\\ud800"``), which no tokenizer can encode: refuse it here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireError(f"{name} is not valid Unicode text (it holds a lone surrogate).") from None
+    return value
+
+
 def parse_score_request(body: Any, config: ServeConfig, hidden_size: int) -> ScoreRequest:
     """Check every field of a ``/v1/score`` body; raises :class:`WireError` naming the first bad one."""
     if not isinstance(body, dict):
@@ -147,11 +180,14 @@ def parse_score_request(body: Any, config: ServeConfig, hidden_size: int) -> Sco
     template = body["template"]
     if not isinstance(template, str) or not 0 < len(template) <= 1000:
         raise WireError("template must be a string of 1 to 1000 characters.")
+    _check_unicode(template, "template")
     verbalizer = body["verbalizer"]
     if (not isinstance(verbalizer, list) or not 2 <= len(verbalizer) <= config.max_classes
             or not all(isinstance(w, str) and 0 < len(w) <= 50 for w in verbalizer)):
         raise WireError(f"verbalizer must be a list of 2 to {config.max_classes} words (strings of 1 to 50 "
                         "characters).")
+    for i, word in enumerate(verbalizer):
+        _check_unicode(word, f"verbalizer[{i}]")
     shape = body["prompt"].get("shape") if isinstance(body["prompt"], dict) else None
     if isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) for s in shape):
         if shape[1] != hidden_size:
@@ -173,6 +209,7 @@ def parse_score_request(body: Any, config: ServeConfig, hidden_size: int) -> Sco
             value = item[key]
             if not isinstance(value, str) or len(value) > config.max_text_chars:
                 raise WireError(f"inputs[{i}].{key} must be a string of at most {config.max_text_chars} characters.")
+            _check_unicode(value, f"inputs[{i}].{key}")
         texts.append(item["text"])
         if pair:
             pairs.append(item["text_pair"])
@@ -213,6 +250,17 @@ class SimulatedScorer:
             if len(self._noise_cache) < 100_000:
                 self._noise_cache[text] = noise
         return noise
+
+    async def prepare(self, req: ScoreRequest) -> ScoreRequest:
+        return req
+
+    def tokens(self, req: ScoreRequest) -> int:
+        """Rows x prompt tokens, plus the words of every text (this black box has no tokenizer)."""
+        words = sum(len(t.split()) for t in req.texts) + sum(len(t.split()) for t in req.pairs or [])
+        return req.rows * req.prompt.shape[0] + words
+
+    async def submit(self, req: ScoreRequest) -> np.ndarray:
+        return await self.score(req)
 
     async def score(self, req: ScoreRequest) -> np.ndarray:
         await asyncio.sleep(self.latency)
@@ -297,22 +345,39 @@ class ModelScorer:
         if enc is None:
             split = Split(req.texts, req.pairs, np.zeros(req.rows, dtype=np.int64))
             enc = encode_split(self.tokenizer, view.template, self.kind, split, req.max_text_tokens)
+            n = req.prompt.shape[0]
+            for i, (before, after) in enumerate(zip(enc.before, enc.after)):
+                # A causal LM reads the label at the last token: a row must hold one, or the forward fails.
+                if len(before) + n + len(after) == 0 or (self.kind == "causal_lm" and n == 0 and not after):
+                    raise WireError(f"inputs[{i}] with this template and a prompt of {n} tokens gives the model no "
+                                    "token to read the label at; send a non-empty text or prompt.")
             with self._lock:
                 self._encodings[enc_key] = enc
                 while len(self._encodings) > 256:
                     self._encodings.popitem(last=False)
         return view, enc
 
-    async def score(self, req: ScoreRequest) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        view, enc = await loop.run_in_executor(None, self._prepare, req)
+    async def prepare(self, req: ScoreRequest) -> tuple:
+        """The request tokenized and checked (off the event loop); raises :class:`WireError` for bad input."""
+        view, enc = await asyncio.get_running_loop().run_in_executor(None, self._prepare, req)
+        return view, enc, req
+
+    def tokens(self, prepared: tuple) -> int:
+        _, enc, req = prepared
+        return sum(len(b) + len(a) for b, a in zip(enc.before, enc.after)) + req.rows * req.prompt.shape[0]
+
+    async def submit(self, prepared: tuple) -> np.ndarray:
+        view, enc, req = prepared
         if self._worker is None:
             self._wakeup = asyncio.Event()
             self._worker = asyncio.create_task(self._drain())
-        future = loop.create_future()
+        future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(view, enc, req.prompt, req.rows, future))
         self._wakeup.set()
         return await future
+
+    async def score(self, req: ScoreRequest) -> np.ndarray:
+        return await self.submit(await self.prepare(req))
 
     @property
     def queued(self) -> int:
@@ -334,14 +399,23 @@ class ModelScorer:
             self.batched_requests += len(batch)
             try:
                 outs = await loop.run_in_executor(self._model_thread, self._forward, batch)
-            except Exception as e:  # handed to each waiting request, which answers 500
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-            else:
-                for item, out in zip(batch, outs):
-                    if not item.future.done():
-                        item.future.set_result(out)
+            except Exception as e:
+                if len(batch) == 1:
+                    outs = [e]
+                else:  # one request's failure must not fail the others: each is scored again on its own
+                    outs = []
+                    for item in batch:
+                        try:
+                            outs += await loop.run_in_executor(self._model_thread, self._forward, [item])
+                        except Exception as alone:
+                            outs.append(alone)
+            for item, out in zip(batch, outs):
+                if item.future.done():
+                    continue
+                if isinstance(out, Exception):
+                    item.future.set_exception(out)
+                else:
+                    item.future.set_result(out)
 
     def _forward(self, batch: list) -> list:
         """One forward per group of requests sharing a view and a prompt length."""
@@ -383,49 +457,155 @@ def make_scorer(config: ServeConfig):
     return SimulatedScorer(config) if config.simulate_latency_s is not None else ModelScorer(config)
 
 
-def build_app(config: ServeConfig, scorer, token: str):
-    """The aiohttp application; ``scorer`` answers (see :class:`ModelScorer`, :class:`SimulatedScorer`)."""
+_EMBED_FIELDS = {"token_ids"}
+# The message of each status the service answers by itself: never the exception's text, which may quote what
+# the client sent (its token in a malformed header, say) or the server's internals.
+_STATUS_MESSAGES = {400: "Malformed HTTP request.", 408: "The request's body did not arrive in time.",
+                    413: "The request is too large.", 415: "Unsupported body encoding.",
+                    431: "The request's headers are too large.", 500: "Internal error; the service logged it."}
+
+
+def _json_error(status: int, message: str, headers: Optional[dict] = None):
     from aiohttp import web
+
+    return web.json_response({"error": {"code": status, "message": message}}, status=status, headers=headers)
+
+
+def _count_json_values(raw: bytes, limit: int) -> int:
+    """Objects, arrays and members in a JSON text, outside its strings; stops counting past ``limit``.
+
+    The raw counts of ``{``, ``[`` and ``,`` bound it from above and cost one pass in C; only a
+    body whose raw count is over the limit has its strings stripped, to tell text from structure.
+    """
+    raw_count = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
+    if raw_count <= limit:
+        return raw_count
+    import re
+
+    structure = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", raw)
+    return structure.count(b"{") + structure.count(b"[") + structure.count(b",")
+
+
+def _parse_json(raw: bytes, limit: int) -> Any:
+    """A request body as JSON, refused before parsing if it holds more than ``limit`` values."""
+    import json
+
+    if _count_json_values(raw, limit) > limit:
+        raise _Refused(413, f"The body holds more than {limit} JSON values; no valid request needs that many.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WireError(f"The body is not UTF-8 text (byte {e.start}).") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise WireError("The body is nested too deeply to be a request.") from None
+    except ValueError as e:
+        raise WireError(f"The body is not valid JSON: {e}.") from None
+
+
+class _Refused(Exception):
+    """A request refused with ``status`` and ``message`` (not a 400)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def build_app(config: ServeConfig, scorer, token: str, counts: Optional[collections.Counter] = None):
+    """The aiohttp application; ``scorer`` answers (see :class:`ModelScorer`, :class:`SimulatedScorer`).
+
+    ``counts`` are the request counters ``/v1/stats`` shows (shared with the protocol-error handler).
+    """
+    import hashlib
+
+    from aiohttp import web
+    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.web_protocol import RequestPayloadError
 
     info = {**scorer.info(), "limits": config.limits()}
     pacer = Pacer(config.rate_limit, config.rate_burst)
-    counts: collections.Counter = collections.Counter()
-    answers: collections.OrderedDict = collections.OrderedDict()  # Idempotency-Key -> Future of the answer
+    counts = counts if counts is not None else collections.Counter()
+    # Idempotency-Key -> (sha256 of the body, future of the answer, its bytes); bounded by count and by bytes.
+    answers: collections.OrderedDict = collections.OrderedDict()
+    cached = {"bytes": 0}
+    expected = b"Bearer " + token.encode()
+    # JSON is parsed on threads of its own, so that a large body never stalls the event loop (health checks).
+    parse_pool = ThreadPoolExecutor(2, thread_name_prefix="gdfo-serve-parse")
+    error = _json_error
 
-    def error(status: int, message: str, headers: Optional[dict] = None):
-        return web.json_response({"error": {"code": status, "message": message}}, status=status, headers=headers)
+    def authorized(request) -> bool:
+        given = request.headers.get("Authorization", "")
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compared as the bytes the client sent.
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
 
     @web.middleware
     async def guard(request, handler):
-        if request.path != "/v1/health":
-            given = request.headers.get("Authorization", "")
-            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
+        try:
+            if request.path != "/v1/health" and not authorized(request):
                 counts["unauthorized"] += 1
                 return error(401, "Missing or wrong bearer token (header 'Authorization: Bearer <token>').")
-        try:
             return await handler(request)
         except web.HTTPException as e:
             if e.status >= 400:
                 counts[f"http_{e.status}"] += 1
-                return error(e.status, e.text or e.reason, {"Allow": e.headers["Allow"]} if "Allow" in e.headers
-                             else None)
+                return error(e.status, _STATUS_MESSAGES.get(e.status, e.reason),
+                             {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None)
             raise
         except (WireError, ConfigError) as e:
             counts["bad_request"] += 1
             return error(400, str(e))
+        except _Refused as e:
+            counts[f"http_{e.status}"] += 1
+            response = error(e.status, e.message)
+            response.force_close()  # what is left of a refused body is not read
+            return response
         except ConnectionError:  # the client went away mid-request: nobody to answer, nothing billed
             counts["client_disconnected"] += 1
             return error(400, "The client closed the connection before its request was read.")
-        except Exception as e:  # the service stays up; the client sees what went wrong
+        except Exception:  # the service stays up; the client learns nothing of its internals
             log.exception("request to %s failed", request.path)
             counts["server_error"] += 1
-            return error(500, f"Internal error: {type(e).__name__}: {e}")
+            return error(500, _STATUS_MESSAGES[500])
 
-    async def read_json(request) -> Any:
+    async def read_body(request) -> tuple[Any, bytes]:
+        """The body parsed as JSON, and its sha256; every way a body can be wrong is a 4xx."""
+        limit = int(config.max_body_mb * 2**20)
+        if request.content_length is not None and request.content_length > limit:
+            raise _Refused(413, f"The body declares {request.content_length} bytes; the limit is {limit}.")
+        charset = request.charset
+        if charset is not None and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
+            raise _Refused(415, "JSON bodies are UTF-8: declare charset=utf-8 or none.")
         try:
-            return await request.json()
-        except ValueError as e:
-            raise WireError(f"The body is not valid JSON: {e}.") from e
+            raw = await asyncio.wait_for(request.read(), config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _Refused(408, f"The body did not arrive within {config.body_timeout_s:g} s.") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise _Refused(413, f"The body is larger than {limit} bytes (after decompression).") from None
+        except (HttpProcessingError, RequestPayloadError):  # e.g. Content-Encoding: gzip on a body that is not gzip
+            raise _Refused(400, "The body could not be read as its Content-Encoding declares.") from None
+        body = await asyncio.get_running_loop().run_in_executor(parse_pool, _parse_json, raw,
+                                                                config.max_json_elements)
+        return body, hashlib.sha256(raw).digest()
+
+    async def expect(request):
+        """The ``Expect`` header, answered before the body is sent: after the token is checked, and in the
+        service's error format (aiohttp's own handler answers in plain text, and fails on bytes that are not
+        ASCII)."""
+        if request.version != (1, 1) or "Expect" not in request.headers:
+            return None
+        if request.path != "/v1/health" and not authorized(request):
+            counts["unauthorized"] += 1
+            response = error(401, "Missing or wrong bearer token (header 'Authorization: Bearer <token>').")
+        elif request.headers["Expect"].lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer proper has not started
+            return None
+        else:
+            counts["http_417"] += 1
+            response = error(417, "Only 'Expect: 100-continue' is supported.")
+        response.force_close()  # the body, if the client sends it anyway, is not read
+        return response
 
     async def health(request):
         return web.json_response({"status": "ok"})
@@ -434,8 +614,10 @@ def build_app(config: ServeConfig, scorer, token: str):
         return web.json_response(info)
 
     async def embed(request):
-        body = await read_json(request)
-        ids = body.get("token_ids") if isinstance(body, dict) else None
+        body, _ = await read_body(request)
+        if not isinstance(body, dict) or set(body) != _EMBED_FIELDS:
+            raise WireError(f"The body must be an object with exactly the fields {sorted(_EMBED_FIELDS)}.")
+        ids = body["token_ids"]
         if (not isinstance(ids, list) or not 1 <= len(ids) <= 4096
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
             raise WireError("token_ids must be a list of 1 to 4096 integers.")
@@ -443,12 +625,12 @@ def build_app(config: ServeConfig, scorer, token: str):
             raise WireError(f"token_ids must lie in [0, {info['vocab_size']}).")
         return web.json_response({"embeddings": encode_array(scorer.embed(ids))})
 
-    def admit():
-        """None if a call may start now, else the 429 to answer."""
-        wait = pacer.try_acquire(time.monotonic())
+    def admit(weight: float = 1.0):
+        """None if a call of ``weight`` units may start now, else the 429 to answer."""
+        wait = pacer.try_acquire(time.monotonic(), weight)
         if wait > 0:
             counts["rate_limited"] += 1
-            return error(429, f"Rate limit of {config.rate_limit:g} calls/s exceeded.",
+            return error(429, f"Rate limit of {config.rate_limit:g} {config.rate_unit}/s exceeded.",
                          # Retry-After is whole seconds (RFC 9110); Retry-After-Ms says when, to the millisecond.
                          {"Retry-After": str(max(1, math.ceil(wait))), "Retry-After-Ms": str(math.ceil(wait * 1000))})
         if getattr(scorer, "queued", 0) >= config.max_queue:
@@ -456,45 +638,81 @@ def build_app(config: ServeConfig, scorer, token: str):
             return error(429, f"The service has {config.max_queue} calls queued.", {"Retry-After": "1"})
         return None
 
+    def weight_of(req: ScoreRequest, prepared) -> float:
+        if config.rate_unit == "calls":
+            return 1.0
+        weight = float(req.rows if config.rate_unit == "rows" else scorer.tokens(prepared))
+        if not pacer_fits(pacer, weight):
+            raise _Refused(413, f"The request weighs {weight:g} {config.rate_unit}, more than the service's burst of "
+                                f"{config.rate_burst}: it can never be admitted; split it.")
+        return weight
+
+    def remember(key: str, digest: bytes, future: asyncio.Future) -> None:
+        answers[key] = (digest, future, 0)
+        while len(answers) > config.idempotency_cache:
+            _, (_, _, size) = answers.popitem(last=False)
+            cached["bytes"] -= size
+
+    def settle(key: Optional[str], logits: np.ndarray) -> None:
+        """Count a finished answer's bytes against the cache, dropping the oldest beyond the bound."""
+        if key is None or key not in answers:
+            return
+        digest, future, _ = answers[key]
+        answers[key] = (digest, future, logits.nbytes)
+        cached["bytes"] += logits.nbytes
+        while cached["bytes"] > config.idempotency_cache_mb * 2**20 and answers:
+            _, (_, _, size) = answers.popitem(last=False)
+            cached["bytes"] -= size
+
     async def score(request):
         counts["requests"] += 1
         key = request.headers.get("Idempotency-Key")
-        if key is not None and not 0 < len(key) <= 200:
-            raise WireError("Idempotency-Key must be 1 to 200 characters.")
+        if key is not None:
+            if not 0 < len(key) <= 200:
+                raise WireError("Idempotency-Key must be 1 to 200 characters.")
+            _check_unicode(key, "Idempotency-Key")
         # A replay is answered from memory and takes no slot of the rate limit. Checked before the body is
         # read (a refusal costs little), and again after: the first call may have failed meanwhile.
         slot = False
-        if key is None or key not in answers:
+        weighted = config.rate_unit != "calls"
+        if not weighted and (key is None or key not in answers):
             refused = admit()
             if refused is not None:
                 return refused
             slot = True
-        req = parse_score_request(await read_json(request), config, info["hidden_size"])
+        body, digest = await read_body(request)
+        req = parse_score_request(body, config, info["hidden_size"])
         if key is not None and key in answers:
+            if answers[key][0] != digest:
+                counts["idempotency_conflict"] += 1
+                return error(422, "This Idempotency-Key was used with a different body; a retry must send the "
+                                  "same body, a new call a new key.")
             counts["replayed"] += 1
-            logits = await asyncio.shield(answers[key])
+            logits = await asyncio.shield(answers[key][1])
         else:
+            prepared = await scorer.prepare(req)  # bad input fails here, alone, before it joins a batch
             if not slot:
-                refused = admit()
+                refused = admit(weight_of(req, prepared))
                 if refused is not None:
                     return refused
             future = asyncio.get_running_loop().create_future()
             if key is not None:
-                answers[key] = future
-                while len(answers) > config.idempotency_cache:
-                    answers.popitem(last=False)
+                remember(key, digest, future)
             try:
-                logits = await scorer.score(req)
+                logits = await scorer.submit(prepared)
             except asyncio.CancelledError:
                 answers.pop(key, None)
                 future.cancel()
                 raise
             except Exception as e:  # a replay waiting on this call gets the same error
-                answers.pop(key, None)
+                dropped = answers.pop(key, None)
+                if dropped is not None:
+                    cached["bytes"] -= dropped[2]
                 future.set_exception(e)
                 future.exception()  # retrieved: no "never retrieved" warning when nobody replays
                 raise
             future.set_result(logits)
+            settle(key, logits)
             counts["billed"] += 1
         return web.json_response({"logits": encode_array(logits), "model": info["model"]})
 
@@ -502,16 +720,61 @@ def build_app(config: ServeConfig, scorer, token: str):
         out = dict(counts)
         out["batches"] = getattr(scorer, "batches", 0)
         out["batched_requests"] = getattr(scorer, "batched_requests", 0)
+        out["idempotency_cached"] = len(answers)
+        out["idempotency_cached_bytes"] = cached["bytes"]
         return web.json_response(out)
 
     async def on_cleanup(app):
         scorer.close()
+        parse_pool.shutdown(wait=True)
 
     app = web.Application(middlewares=[guard], client_max_size=int(config.max_body_mb * 2**20))
-    app.add_routes([web.get("/v1/health", health), web.get("/v1/info", get_info), web.post("/v1/embed", embed),
-                    web.post("/v1/score", score), web.get("/v1/stats", get_stats)])
+    app.add_routes([web.get("/v1/health", health, expect_handler=expect),
+                    web.get("/v1/info", get_info, expect_handler=expect),
+                    web.post("/v1/embed", embed, expect_handler=expect),
+                    web.post("/v1/score", score, expect_handler=expect),
+                    web.get("/v1/stats", get_stats, expect_handler=expect)])
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+def _quiet_runner(app, counts: collections.Counter):
+    """An AppRunner whose protocol errors (a malformed request line or header) are answered in the service's
+    error format and logged on one line, with neither the bytes the client sent nor a traceback: a header
+    that carries the token must not put it in a log or echo it back."""
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
+
+    class QuietHandler(RequestHandler):
+        def handle_error(self, request, status: int = 500, exc: Optional[BaseException] = None,
+                         message: Optional[str] = None):
+            counts["malformed" if status < 500 else "server_error"] += 1
+            log.warning("refused a malformed request from %s: %d %s", request.remote, status,
+                        type(exc).__name__ if exc is not None else "")
+            if request.writer.output_size > 0:
+                raise ConnectionError("Response is sent already, cannot send another response")
+            response = _json_error(status, _STATUS_MESSAGES.get(status, "Malformed HTTP request."))
+            response.force_close()
+            return response
+
+        def log_exception(self, message: str, *args, exc_info: Optional[BaseException] = None, **kwargs) -> None:
+            # aiohttp reports here what broke below the handler, e.g. the rest of a body that failed to
+            # decompress after the 400 was sent: one line, the exception's type only.
+            kind = type(exc_info).__name__ if isinstance(exc_info, BaseException) else "error"
+            log.warning("connection from %s ended on %s", getattr(self.transport, "get_extra_info",
+                                                                  lambda _: None)("peername"), kind)
+
+    class QuietServer(web.Server):
+        def __call__(self) -> RequestHandler:
+            return QuietHandler(self, loop=self._loop, **self._kwargs)
+
+    class QuietRunner(web.AppRunner):
+        async def _make_server(self):
+            server = await super()._make_server()
+            server.__class__ = QuietServer  # the same server, building QuietHandlers for its connections
+            return server
+
+    return QuietRunner(app, access_log=None)
 
 
 def is_loopback(host: str) -> bool:
@@ -578,7 +841,8 @@ class ServerHandle:
 async def _start(config: ServeConfig, scorer, token: str):
     from aiohttp import web
 
-    runner = web.AppRunner(build_app(config, scorer, token), access_log=None)
+    counts: collections.Counter = collections.Counter()
+    runner = _quiet_runner(build_app(config, scorer, token, counts), counts)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
