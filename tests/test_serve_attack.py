@@ -223,6 +223,20 @@ def test_the_rate_limit_can_weigh_a_call_by_its_rows():
         assert "can never be admitted" in _client_error(status, response)["message"]
 
 
+def test_the_rate_limit_can_weigh_a_call_by_the_tokens_the_model_reads(tiny_models):
+    config = ServeConfig(model=tiny_models["causal"], port=0, token=TOKEN, threads=1, dtype="float32",
+                         rate_limit=1.0, rate_burst=40, rate_unit="tokens")
+    with start_in_thread(config) as svc:
+        short = _body(texts=("good",))  # 2 prompt tokens + "good It was" (+ BOS): under 40
+        assert _score(svc, short)[0] == 200
+        long = _body(texts=(" ".join(["the movie was good"] * 12),))
+        status, response = _score(svc, long)
+        message = _client_error(status, response)["message"]
+        assert status == 413 and "tokens, more than the service's burst of 40" in message
+        weight = float(message.split("weighs ")[1].split(" tokens")[0])
+        assert 48 + 2 <= weight <= 48 + 2 + 5  # its 48 words, 2 prompt tokens, the template's few
+
+
 MALFORMED = [
     b"Authorization: Bearer " + TOKEN.encode() + b"\r",  # a token read from a file with a Windows line ending
     b"Authorization: Bearer " + TOKEN.encode() + b"\x00",
