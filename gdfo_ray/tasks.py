@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from gdfo_ray.config import TaskConfig
+from gdfo_ray.config import DATA_DIR_ENV, TaskConfig
 from gdfo_ray.exceptions import ConfigError, DataError
 
 
@@ -131,8 +131,11 @@ def resolve_spec(config: TaskConfig) -> TaskSpec:
                 f"task.name={config.name!r} is not a preset ({sorted(PRESETS)}), so a custom task "
                 f"needs task.{', task.'.join(missing)}. Either pick a preset or set them."
             )
-        if not config.train_file and not config.hf_dataset:
-            raise ConfigError(f"Custom task {config.name!r} needs task.train_file (or task.hf_dataset).")
+        if not (config.train_file or config.hf_dataset or config.resolved_data_dir()):
+            raise ConfigError(
+                f"Custom task {config.name!r} needs its data: task.train_file/dev_file/test_file, a data root "
+                f"(--data-dir or ${DATA_DIR_ENV}) holding {config.name}/16-shot/<seed>/{{train,dev}}.jsonl and "
+                f"{config.name}/test.jsonl, or task.hf_dataset.")
     labels = tuple(config.labels) if config.labels is not None else base.labels
     verbalizer = tuple(config.verbalizer) if config.verbalizer is not None else base.verbalizer
     if len(verbalizer) != len(labels):
@@ -212,7 +215,9 @@ def load_task(config: TaskConfig, seed: int) -> TaskData:
             raise ConfigError("task.train_file needs task.dev_file and task.test_file too.")
         splits = [read_split_file(p, spec) for p in (config.train_file, config.dev_file, config.test_file)]
         data = TaskData(spec, *splits, source=f"files: {config.train_file}, {config.dev_file}, {config.test_file}")
-    elif config.resolved_data_dir():
+    elif config.resolved_data_dir() and (os.path.isdir(os.path.join(config.resolved_data_dir(), spec.name))
+                                         or not spec.hf_dataset):
+        # The data root serves the tasks it holds; one it lacks comes from the Hub where it names a dataset.
         data = _load_bbt_dir(config.resolved_data_dir(), spec, split_seed)
     else:
         data = _load_hf(spec, config.shots, split_seed)

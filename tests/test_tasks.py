@@ -66,6 +66,23 @@ def test_custom_task_from_own_files(tmp_path):
     assert len(data.train) == 4 and data.train.label.tolist() == [0, 1, 0, 1]
 
 
+def test_custom_task_from_a_bbt_layout_data_root(tmp_path, monkeypatch):
+    split = tmp_path / "spam" / "16-shot" / "7"
+    split.mkdir(parents=True)
+    for name, folder in (("train", split), ("dev", split), ("test", tmp_path / "spam")):
+        (folder / f"{name}.jsonl").write_text(
+            "\n".join(json.dumps({"text": f"{name}{i}", "label": i % 2}) for i in range(6)))
+    custom = dict(name="spam", labels=("spam", "ham"), verbalizer=("bad", "good"),
+                  template="{prompt} {text} It was {mask}")
+    data = load_task(TaskConfig(**custom, data_dir=str(tmp_path)), seed=7)  # as --data-dir DIR
+    assert data.train.text[0] == "train0" and len(data.test) == 6 and "split seed 7" in data.source
+    monkeypatch.setenv("GDFO_DATA_DIR", str(tmp_path))  # or the environment's data root
+    assert load_task(TaskConfig(**custom), seed=7).dev.text[0] == "dev0"
+    monkeypatch.delenv("GDFO_DATA_DIR")
+    with pytest.raises(ConfigError, match=r"needs its data: .*--data-dir"):
+        load_task(TaskConfig(**custom), seed=7)
+
+
 def test_k_shot_sampling_is_disjoint_balanced_and_seeded():
     labels = np.repeat([0, 1, 2], 50)
     train, dev = sample_k_shot(labels, 16, seed=3, n_classes=3)
