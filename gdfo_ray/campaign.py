@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gdfo_ray.config import (METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config,
+from gdfo_ray.config import (DATA_DIR_ENV, METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config,
                              flatten_saved_config)
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
@@ -132,13 +132,12 @@ def plan(campaign: CampaignConfig) -> list[Cell]:
         assigned: dict[int, int] = {}
         for seed in campaign.seeds:
             config_method, extra = VARIANTS.get(method, (method, {}))
+            # Relative to the campaign directory, so that its results can move; run_cell resolves it.
             overrides = {**extra, "task.name": task, "seed": int(seed), "method": config_method,
-                         "output_dir": os.path.join(campaign.results_dir, "runs", f"{task}_{method}_seed{seed}"),
+                         "output_dir": os.path.join("runs", f"{task}_{method}_seed{seed}"),
                          "pool.backend": "local", "pool.torch_threads": max(1, int(campaign.cell_cpus))}
             if campaign.budget is not None:
                 overrides["search.budget_calls"] = campaign.budget
-            if base.task.data_dir is None and base.task.resolved_data_dir():
-                overrides["task.data_dir"] = os.path.abspath(base.task.resolved_data_dir())  # for remote workers
             assigned[seed] = _split_seed(campaign, base, task, seed, assigned)
             overrides["task.split_seed"] = assigned[seed]
             config = GDFOConfig.from_dict(apply_overrides(_merged_base(campaign.base), overrides))
@@ -194,7 +193,8 @@ def _saved_differences(path: str, cell: Cell) -> list:
     table = pq.read_table(path)
     saved = json.loads(table.column("config_json")[0].as_py())
     current = json.loads(json.dumps(cell.config.to_dict()))
-    ignore = ("pool.", "service.", "output_dir")
+    # Where the run and its data were (a machine's paths) cannot change what it computed.
+    ignore = ("pool.", "service.", "output_dir", "task.data_dir")
     if not cell.config.uses_student:
         ignore += ("student.", "model.student", "harmonize.")
     # A key the saved config lacks came with a later version of gdfo-ray: ADDED_SETTINGS says the value that
@@ -240,11 +240,42 @@ def _cap_never_reached(n_scored: int, saved_cap: Optional[int], cap_now: Optiona
     return (saved_cap is None or n_scored < saved_cap) and (cap_now is None or n_scored <= cap_now)
 
 
-def run_cell(config_dict: dict) -> dict:
-    """One cell, in whatever process runs it: a fresh run, or the continuation of a killed one."""
+def data_root(campaign: CampaignConfig) -> Optional[str]:
+    """The data root of the campaign's cells, absolute for workers that run elsewhere (None: not a data root)."""
+    root = GDFOConfig.from_dict(_merged_base(campaign.base)).task.resolved_data_dir()
+    return os.path.abspath(root) if root else None
+
+
+def portable(value: Any, paths: Mapping[str, str]) -> Any:
+    """``value`` (nested dicts, lists, strings) with each absolute path of ``paths`` written as its name.
+
+    >>> portable({"a": "/x/runs/c", "b": ["/d/sst2 (split 13)"]}, {"/x": ".", "/d": "$GDFO_DATA_DIR"})
+    {'a': './runs/c', 'b': ['$GDFO_DATA_DIR/sst2 (split 13)']}
+    """
+    if isinstance(value, str):
+        for path, name in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+            if path:
+                value = value.replace(path.rstrip(os.sep), name)
+        return value
+    if isinstance(value, dict):
+        return {k: portable(v, paths) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, paths) for v in value]
+    return value
+
+
+def run_cell(config_dict: dict, results_dir: str = ".", root: Optional[str] = None) -> dict:
+    """One cell, in whatever process runs it: a fresh run, or the continuation of a killed one.
+
+    ``output_dir`` is relative to ``results_dir``; ``root`` is the data root where the config names none.
+    """
     from gdfo_ray.api import CHECKPOINT, run, versions
 
     config = GDFOConfig.from_dict(config_dict)
+    here = {"output_dir": os.path.join(results_dir, config.output_dir)}
+    if root is not None and not config.task.data_dir:
+        here["task.data_dir"] = root
+    config = config.with_overrides(here)
     os.makedirs(config.output_dir, exist_ok=True)
     resume = os.path.exists(os.path.join(config.output_dir, CHECKPOINT))
     started = time.time()
@@ -257,8 +288,9 @@ def run_cell(config_dict: dict) -> dict:
             "test_pred": preds["tuned"].tolist(), "test_label": preds["label"].tolist()}
 
 
-def _cell_row(cell: Cell, out: dict) -> dict:
-    s = out["summary"]
+def _cell_row(cell: Cell, out: dict, paths: Mapping[str, str]) -> dict:
+    """The cell's Parquet row; ``paths`` are the machine's paths to write by name (see :func:`portable`)."""
+    s = portable({**out["summary"], "config": cell.config.to_dict()}, paths)
     test = s["test"]
     score = test["teacher_manual"] if cell.method == "manual" else test["teacher_tuned"]
     return {
@@ -274,7 +306,7 @@ def _cell_row(cell: Cell, out: dict) -> dict:
         "teacher": cell.config.model.teacher, "student": cell.config.model.student,
         "teacher_dtype": s.get("teacher_info", {}).get("dtype"), "resumed": bool(out["resumed"]),
         "host": out["host"], "started_at": _utc(out["started"]), "finished_at": _utc(out["finished"]),
-        "config_json": json.dumps(cell.config.to_dict()), "versions_json": json.dumps(out["versions"]),
+        "config_json": json.dumps(portable(cell.config.to_dict(), paths)), "versions_json": json.dumps(out["versions"]),
         "summary_json": json.dumps(s, default=float),
         # The tuned prompt's class per test row (the manual prompt's for manual): gdfo report pairs methods on them.
         "test_pred": out.get("test_pred"), "test_label": out.get("test_label"),
@@ -295,8 +327,11 @@ def _write_parquet(path: str, table) -> None:
     os.replace(tmp, path)
 
 
-def record(results_dir: str, cell: Cell, out: dict) -> dict:
-    """Write the cell's curve, then its row (last: its presence marks the cell finished)."""
+def record(results_dir: str, cell: Cell, out: dict, root: Optional[str] = None) -> dict:
+    """Write the cell's curve, then its row (last: its presence marks the cell finished).
+
+    Paths under ``results_dir`` are written relative to it, and the data root ``root`` as ``$GDFO_DATA_DIR``.
+    """
     import pyarrow as pa
 
     keys = ("generation", "calls", "dev_calls", "dev_score", "fitness_best", "step_s")
@@ -304,7 +339,8 @@ def record(results_dir: str, cell: Cell, out: dict) -> dict:
     curve["seed"] = [cell.seed] * len(out["history"])
     _write_parquet(cell_path(results_dir, "curves", cell),
                    pa.table({k: pa.array(v, pa.int64() if k == "seed" else pa.float64()) for k, v in curve.items()}))
-    row = _cell_row(cell, out)
+    paths = {os.path.abspath(results_dir): ".", **({root: "$" + DATA_DIR_ENV} if root else {})}
+    row = _cell_row(cell, out, paths)
     _write_parquet(cell_path(results_dir, "cells", cell), pa.Table.from_pylist([row]))
     failed = os.path.join(results_dir, "failed", cell.name + ".json")
     if os.path.exists(failed):
@@ -318,9 +354,12 @@ def _write_campaign_file(campaign: CampaignConfig) -> None:
     os.makedirs(campaign.results_dir, exist_ok=True)
     path = os.path.join(campaign.results_dir, "campaign.yaml")
     data = dataclasses.asdict(campaign)
-    data.update(tasks=list(campaign.tasks), seeds=list(campaign.seeds), methods=list(campaign.methods))
+    data.update(tasks=list(campaign.tasks), seeds=list(campaign.seeds), methods=list(campaign.methods),
+                results_dir=".")  # the file lies in it: the folder can move
     if campaign.reuse is not None:  # where the reused cells came from, relative to this campaign
         data["reuse"] = os.path.relpath(os.path.abspath(campaign.reuse), campaign.results_dir)
+    root = data_root(campaign)
+    data = portable(data, {campaign.results_dir: ".", **({root: "$" + DATA_DIR_ENV} if root else {})})
     data["commit"] = _git_commit()
     runs = []
     if os.path.exists(path):  # a campaign directory may grow (more methods, seeds); keep what came before
@@ -381,10 +420,11 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
     if not todo:
         return result
     started_ray = init_ray(PoolConfig(ray_address=campaign.ray_address))
+    root = data_root(campaign)
     try:
         remote = ray.remote(run_cell).options(num_cpus=campaign.cell_cpus, num_gpus=campaign.cell_gpus,
                                               max_retries=campaign.max_retries, retry_exceptions=False)
-        pending = {remote.remote(cell.config.to_dict()): cell for cell in todo}
+        pending = {remote.remote(cell.config.to_dict(), campaign.results_dir, root): cell for cell in todo}
         t0 = time.time()
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -395,7 +435,7 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
                 result.failed[cell.name] = _record_failure(campaign.results_dir, cell, e)
                 say(f"[bench] FAILED {cell.name}: {result.failed[cell.name].splitlines()[0]}")
                 continue
-            row = record(campaign.results_dir, cell, out)
+            row = record(campaign.results_dir, cell, out, root)
             result.finished.append({"task": cell.task, "method": cell.method, **row})
             done = len(result.finished) + len(result.failed)
             eta = (time.time() - t0) / done * len(pending)

@@ -403,7 +403,8 @@ def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:
     missing = [name for name in missing_cells(results_dir, rows) if name not in failed]
     parts = [
         "# Campaign report", "",
-        f"Results: `{os.path.abspath(results_dir)}`", "", _setting(rows), "",
+        f"Results: `{os.path.relpath(os.path.abspath(results_dir), os.path.abspath(out_dir))}` (relative to this "
+        "report)", "", _setting(rows), "",
         "## Test score (%), mean ± std over seeds", "",
         "Accuracy, F1 for MRPC. † marks a cell with fewer seeds than the others of its task. "
         "The average is over tasks, for methods that have all of them.", "",

@@ -241,3 +241,45 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
 
     with pytest.raises(GDFOError, match="no finished gdfo cell"):
         ladder_rows([campaign.results_dir])
+
+
+def test_a_campaigns_outputs_hold_no_path_of_the_machine_that_ran_it(finished, campaign_data, tmp_path):
+    import yaml
+
+    campaign, _, _ = finished
+    build_report(campaign.results_dir)
+    machine = (str(campaign.results_dir), str(campaign_data), str(tmp_path.parent.parent))
+    strings = []
+
+    def collect(value):
+        if isinstance(value, str):
+            try:  # the JSON columns: their leaves are checked
+                parsed = json.loads(value) if value[:1] in "[{" else None
+            except ValueError:
+                parsed = None
+            if parsed is None:
+                strings.append(value)
+            else:
+                collect(parsed)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, list):
+            for v in value:
+                collect(v)
+
+    for kind in ("cells", "curves"):
+        collect(read_results(campaign.results_dir, kind))
+    collect(yaml.safe_load(open(os.path.join(campaign.results_dir, "campaign.yaml"))))
+    models = {v for v in json.loads(read_results(campaign.results_dir)[0]["config_json"])["model"].values()
+              if isinstance(v, str)}
+    report = open(os.path.join(campaign.results_dir, "report", "report.md")).read()
+    for model in models:  # local model paths the user gave are names of their own
+        report = report.replace(model, "<model>")
+    strings.append(report)
+    leaked = [s for s in strings if s not in models and any(m in s for m in machine)]
+    assert not leaked, leaked[:5]
+    row = read_results(campaign.results_dir)[0]
+    config = json.loads(row["config_json"])
+    assert config["output_dir"].startswith("runs" + os.sep) and config["task"]["data_dir"] == "$GDFO_DATA_DIR"
+    assert json.loads(row["summary_json"])["data_source"].startswith("$GDFO_DATA_DIR")
