@@ -36,7 +36,7 @@ from gdfo_ray.config import (DATA_DIR_ENV, METHODS, GDFOConfig, apply_overrides,
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 SPLIT_SEED_MODES = ("match", "auto")
-# Campaign methods beyond the config's: gdfo's random-direction control, which METHOD.md asks every
+# Campaign methods beyond the config's: gdfo's random-direction control, which docs/method.md asks every
 # comparison to show beside gdfo (the same step length in a direction unrelated to the student).
 VARIANTS = {"gdfo_random": ("gdfo", {"harmonize.control": "random"})}
 CAMPAIGN_METHODS = METHODS + tuple(VARIANTS)

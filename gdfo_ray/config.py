@@ -227,7 +227,7 @@ def is_service_url(name: str) -> bool:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """The intrinsic space: P(z) = P0 + A z (METHOD.md, Objects).
+    """The intrinsic space: P(z) = P0 + A z (docs/method.md, Objects).
 
     Args:
         intrinsic_dim: d, the dimension of z.
@@ -304,7 +304,7 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """Distillation of the teacher into the local student (METHOD.md, step 3).
+    """Distillation of the teacher into the local student (docs/method.md, step 3).
 
     Args:
         k_steps: K, optimizer steps on the replay buffer per generation.
@@ -385,7 +385,7 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class HarmonizeConfig:
-    """The harmonized update (METHOD.md, step 5; :func:`~gdfo_ray.harmonize.harmonize`).
+    """The harmonized update (docs/method.md, step 5; :func:`~gdfo_ray.harmonize.harmonize`).
 
     The defaults are the update every campaign so far ran; the other settings are the
     redesigns measured on the oracle student (issue 21).

@@ -320,5 +320,5 @@ class Driver:
 
     @property
     def best_z(self) -> Optional[np.ndarray]:
-        """The prompt kept: best on dev (METHOD.md step 6); None for the manual method."""
+        """The prompt kept: best on dev (docs/method.md step 6); None for the manual method."""
         return self.state.best_dev[0] if self.state.best_dev[0] is not None else self.state.best_train[0]

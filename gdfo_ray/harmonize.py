@@ -1,10 +1,10 @@
-"""The harmonized update of GDFO (METHOD.md, step 5), as one pure function.
+"""The harmonized update of GDFO (docs/method.md, step 5), as one pure function.
 
-Symbols as in METHOD.md: ``m_prev`` = m_t (mean before tell), ``m_new`` = m'
+Symbols as in docs/method.md: ``m_prev`` = m_t (mean before tell), ``m_new`` = m'
 (mean after tell), ``sigma`` = sigma', ``grad`` = g (gradient in z of the
 student's task loss at m'), ``eta`` and ``gamma`` the two step parameters.
 This version of the update is the project's own (the GDFO paper's equations
-were not available in a readable form); it is documented in README.md.
+were not available in a readable form); docs/method.md documents it.
 """
 
 from __future__ import annotations

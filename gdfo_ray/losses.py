@@ -36,7 +36,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Te
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float,
             beta: float) -> torch.Tensor:
-    """``tau^2 KL(softmax(Y/tau) || softmax(S/tau)) + beta CE(S, y)`` averaged over rows (METHOD.md 3)."""
+    """``tau^2 KL(softmax(Y/tau) || softmax(S/tau)) + beta CE(S, y)`` averaged over rows (docs/method.md 3)."""
     p_teacher = F.log_softmax(teacher / tau, dim=-1)
     p_student = F.log_softmax(student / tau, dim=-1)
     kl = F.kl_div(p_student, p_teacher, log_target=True, reduction="batchmean")

@@ -1,4 +1,4 @@
-"""The compared methods, each one ``step`` of the same driver loop (METHOD.md, Methods).
+"""The compared methods, each one ``step`` of the same driver loop (docs/method.md, Methods).
 
 A method proposes candidates and learns from their fitness; it never calls the
 teacher itself but goes through :class:`~gdfo_ray.driver.StepContext`, which
@@ -122,7 +122,7 @@ class BBTv2(BaseMethod):
 
 
 class GDFO(BBT):
-    """CMA-ES plus the student's gradient candidates and the harmonized mean (METHOD.md, 1-5).
+    """CMA-ES plus the student's gradient candidates and the harmonized mean (docs/method.md, 1-5).
 
     One generation: the gradient candidates of the last one join CMA-ES's population; after
     tell, the mean may jump to a gradient candidate that beat every sample (``mean_to_best``);

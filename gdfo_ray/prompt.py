@@ -1,4 +1,4 @@
-"""The intrinsic prompt space P(z) = P0 + A z (METHOD.md, Objects), seeded and reproducible."""
+"""The intrinsic prompt space P(z) = P0 + A z (docs/method.md, Objects), seeded and reproducible."""
 
 from __future__ import annotations
 

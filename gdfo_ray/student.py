@@ -1,4 +1,4 @@
-"""The white-box side: a local student kept close to the teacher by distillation (METHOD.md, step 3).
+"""The white-box side: a local student kept close to the teacher by distillation (docs/method.md, step 3).
 
 The student owns its projection ``P_S(z) = P0_S + A_S z`` and A_S is trained: the
 student must learn how a move in z changes the *teacher's* answers. Everything
@@ -256,7 +256,7 @@ class StudentTrainer:
             return self._population_fitness(self._z(Z), rows).cpu().numpy()
 
     def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
-        """Task loss at z on the train batch and its gradient in z (METHOD.md step 5's g)."""
+        """Task loss at z on the train batch and its gradient in z (docs/method.md step 5's g)."""
         zt = self._z(z).reshape(1, -1).requires_grad_(True)
         loss = self._population_fitness(zt, np.arange(self.n_train))[0]
         (g,) = torch.autograd.grad(loss, zt)

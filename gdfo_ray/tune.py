@@ -32,7 +32,7 @@ METRIC = "dev_score"
 TIME_ATTR = "calls"
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
-# Hyperparameters of METHOD.md, as dotted config keys; popsize is capped by the budget at build time.
+# Hyperparameters of docs/method.md, as dotted config keys; popsize is capped by the budget at build time.
 COMMON_SPACE = {
     "search.sigma0": {"loguniform": [0.1, 3.0]},
     "search.popsize": {"randint": [6, 31]},
@@ -50,7 +50,7 @@ HARMONIZE_SPACE = {"harmonize.eta": {"uniform": [0.0, 2.0]}, "harmonize.gamma": 
 
 
 def default_space(method: str) -> dict:
-    """The searched hyperparameters of a method (METHOD.md): CMA-ES and prompt space, plus its own."""
+    """The searched hyperparameters of a method (docs/method.md): CMA-ES and prompt space, plus its own."""
     if method in ("manual", "white_box"):
         raise ConfigError(f"Method {method!r} has nothing to tune by black-box search; choose bbt, bbtv2, kd or gdfo.")
     space = dict(COMMON_SPACE)

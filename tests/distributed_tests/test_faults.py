@@ -43,6 +43,7 @@ def test_a_teacher_actor_killed_mid_call_is_restarted_and_its_calls_requeried_an
     expected = pool.query(prompts, "train", np.arange(len(data.train)), [f"ref{i}" for i in range(6)])
     billed = simulated_service.stats()["billed"]
 
+    pid = ray.get(pool.teachers[0].__ray_call__.remote(lambda host: os.getpid()))
     result = {}
     worker = threading.Thread(target=lambda: result.update(
         logits=pool.query(prompts, "train", np.arange(len(data.train)), keys)))
@@ -54,7 +55,10 @@ def test_a_teacher_actor_killed_mid_call_is_restarted_and_its_calls_requeried_an
     np.testing.assert_array_equal(result["logits"], expected)
     assert pool.requeried >= 1
     assert simulated_service.stats()["billed"] - billed == 6  # the re-queried calls were replays, not new bills
-    assert ray.get(pool.teachers[0].node_id.remote())  # restarted, and serving again
+    # Restarted: a new process behind the same handle, which answers as the old one did.
+    assert ray.get(pool.teachers[0].__ray_call__.remote(lambda host: os.getpid())) != pid
+    again = ray.get(pool.teachers[0].query.remote(prompts[:1], "train", np.arange(len(data.train)), ["after"]))
+    np.testing.assert_array_equal(again, expected[:1])
 
 
 def _drive(config, data, kill_at=None):
