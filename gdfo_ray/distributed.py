@@ -26,7 +26,7 @@ from gdfo_ray.exceptions import GDFOError, TeacherError
 from gdfo_ray.ratelimit import LimiterActor, SharedLimiter
 from gdfo_ray.student import StudentGroup
 from gdfo_ray.tasks import TaskData
-from gdfo_ray.teacher import TeacherHost, TeacherPool
+from gdfo_ray.teacher import TeacherHost, TeacherNotLoaded, TeacherPool
 
 NAMESPACE = "gdfo_ray"
 
@@ -110,10 +110,12 @@ class RayTeacherPool(TeacherPool):
     queued_per_teacher = 1
     restart_timeout_s = 300.0
 
-    def __init__(self, actors: list, *, one_call_per_piece: bool, slots_per_teacher: int, max_requeries: int):
+    def __init__(self, actors: list, *, one_call_per_piece: bool, slots_per_teacher: int, max_requeries: int,
+                 data_ref: Any = None):
         super().__init__(actors, one_call_per_piece=one_call_per_piece, slots_per_teacher=slots_per_teacher)
         self.max_requeries = max_requeries
         self.requeried = 0
+        self.data_ref = data_ref  # the task data, given again to an actor that Ray restarted
 
     def run_pieces(self, method: str, pieces: list[tuple]) -> list:
         results: list = [None] * len(pieces)
@@ -136,6 +138,10 @@ class RayTeacherPool(TeacherPool):
                 load[actor] -= 1
                 try:
                     results[piece] = ray.get(ref)
+                except TeacherNotLoaded:  # Ray restarted this actor: it gets the task data again, then the piece
+                    ray.get(self.teachers[actor].load.remote(self.data_ref))
+                    self.requeried += 1
+                    waiting.appendleft(piece)
                 except ActorUnavailableError as e:  # restarting: not lost for good, so not counted
                     if time.monotonic() - started > self.restart_timeout_s:
                         raise TeacherError(f"A teacher-query actor stayed unavailable for "
@@ -180,15 +186,15 @@ def make_ray_teacher_pool(config: GDFOConfig, data: TaskData, limiter_actor: Any
         num_cpus=p.teacher_num_cpus, num_gpus=p.teacher_num_gpus, resources=dict(p.teacher_resources) or None,
         max_restarts=p.max_actor_restarts, max_concurrency=p.calls_per_actor,
     )
+    # Small constructor arguments (a restart rebuilds the actor from them); the data follows through load().
+    actors = [cls.remote(config, token, limiter) for _ in range(p.n_teacher_actors)]
     data_ref = ray.put(data)
-    actors = [cls.remote(config, data_ref, token, limiter) for _ in range(p.n_teacher_actors)]
     try:
-        ray.get([a.node_id.remote() for a in actors])  # surfaces a failed start (bad model, bad URL) here
+        ray.get([a.load.remote(data_ref) for a in actors])  # surfaces a failed start (bad model, bad URL) here
     except RayActorError as e:
         raise TeacherError(f"A teacher-query actor failed to start: {e}") from e
     pool = RayTeacherPool(actors, one_call_per_piece=service, slots_per_teacher=p.calls_per_actor,
-                          max_requeries=p.max_requeries)
-    pool.data_ref = data_ref  # a restarted actor is built again from it, so it must outlive the start
+                          max_requeries=p.max_requeries, data_ref=data_ref)
     pool.limiter = limiter_actor  # held here: the actor lives while its owner's handle does
     return pool
 
@@ -198,21 +204,31 @@ class StudentRestarted(GDFOError):
 
 
 class StudentWorker:
-    """What a student worker actor runs: a trainer, tagged with an id that changes when Ray restarts it."""
+    """What a student worker actor runs: a trainer, tagged with an id that changes when Ray restarts it.
 
-    def __init__(self, config: GDFOConfig, data: TaskData):
-        from gdfo_ray.student import make_student
+    The trainer is built by the first :meth:`restore`, which brings the task data: the
+    constructor's arguments stay small, so that Ray can restart the actor safely.
+    """
 
-        self.trainer = make_student(config, data)
+    def __init__(self, config: GDFOConfig):
+        self.config = config
+        self.trainer = None
         self.incarnation = uuid.uuid4().hex
 
     def run(self, incarnation: str, method: str, *args: Any) -> Any:
-        if incarnation != self.incarnation:
+        if incarnation != self.incarnation or self.trainer is None:
             raise StudentRestarted("This student worker was restarted and holds its initial weights.")
         return getattr(self.trainer, method)(*args)
 
-    def restore(self, state: Optional[dict]) -> str:
-        """Take ``state`` (None: keep the initial weights); returns the incarnation to address from now on."""
+    def restore(self, state: Optional[dict], data: Optional[TaskData] = None) -> str:
+        """Take ``state`` (None: the initial weights), building the trainer from ``data`` first if there is none;
+        returns the incarnation to address from now on."""
+        if self.trainer is None:
+            if data is None:
+                raise StudentRestarted("This student worker has no task data yet: restore it with the data.")
+            from gdfo_ray.student import make_student
+
+            self.trainer = make_student(self.config, data)
         if state is not None:
             self.trainer.load_state(state)
         return self.incarnation
@@ -230,13 +246,14 @@ class RayStudentGroup(StudentGroup):
     again, so the result equals an uninterrupted run.
     """
 
-    def __init__(self, workers: list, max_recoveries: int):
+    def __init__(self, workers: list, max_recoveries: int, data_ref: Any = None):
         self._index = {id(w): i for i, w in enumerate(workers)}
         self.max_recoveries = max_recoveries
         self.recoveries = 0
         self._snapshot: Optional[dict] = None
+        self.data_ref = data_ref  # the task data, from which a restarted worker rebuilds its trainer
         super().__init__(workers, call=self._send, gather=ray.get)
-        self._incarnations = ray.get([w.restore.remote(None) for w in workers])
+        self._incarnations = ray.get([w.restore.remote(None, data_ref) for w in workers])
 
     def _send(self, worker, method: str, *args):
         return worker.run.remote(self._incarnations[self._index[id(worker)]], method, *args)
@@ -262,7 +279,7 @@ class RayStudentGroup(StudentGroup):
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return ray.get([w.restore.remote(self._snapshot) for w in self.workers])
+                return ray.get([w.restore.remote(self._snapshot, self.data_ref) for w in self.workers])
             except ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise
@@ -305,11 +322,8 @@ def make_ray_student_group(config: GDFOConfig, data: TaskData) -> RayStudentGrou
     p = config.pool
     cls = ray.remote(StudentWorker).options(num_cpus=p.student_num_cpus, num_gpus=student_gpus(p),
                                             max_restarts=p.max_actor_restarts)
-    data_ref = ray.put(data)
-    workers = [cls.remote(config, data_ref) for _ in range(p.n_student_workers)]
-    group = RayStudentGroup(workers, max_recoveries=p.max_actor_restarts)
-    group.data_ref = data_ref  # see make_ray_teacher_pool
-    return group
+    workers = [cls.remote(config) for _ in range(p.n_student_workers)]
+    return RayStudentGroup(workers, max_recoveries=p.max_actor_restarts, data_ref=ray.put(data))
 
 
 def shutdown_actors(*pools) -> None:

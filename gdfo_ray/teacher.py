@@ -139,32 +139,49 @@ class TeacherPool:
         return self.run_pieces("loss_and_grad", [(prompt, split, example_ids, labels, loss)])[0]
 
 
-class TeacherHost:
-    """What a teacher-query actor runs: one teacher, built in the actor's process.
+class TeacherNotLoaded(TeacherError):
+    """Raised by a teacher host that holds no task data yet (a restarted actor): give it the data first."""
 
-    It lives here, free of torch and Ray, so that an actor that only calls a service
-    imports neither (a pool of 64 such actors stays small).
+
+class TeacherHost:
+    """What a teacher-query actor runs: one teacher, built in the actor's process once it has the task data.
+
+    It lives here, free of torch, so that an actor that only calls a service does not
+    import it (a pool of 64 such actors stays small). The data comes through :meth:`load`
+    rather than the constructor: an actor's constructor arguments must be small for Ray
+    to restart it safely, and a restarted one answers :class:`TeacherNotLoaded` until the
+    pool loads it again.
     """
 
-    def __init__(self, config: GDFOConfig, data: TaskData, token: Optional[str] = None, limiter: Any = None):
-        self.teacher = make_teacher(config, data, token=token, limiter=limiter)
+    def __init__(self, config: GDFOConfig, token: Optional[str] = None, limiter: Any = None):
+        self.config, self.token, self.limiter = config, token, limiter
+        self.teacher: Optional[BaseTeacher] = None
+
+    def load(self, data: TaskData) -> None:
+        if self.teacher is None:
+            self.teacher = make_teacher(self.config, data, token=self.token, limiter=self.limiter)
+
+    def _loaded(self) -> BaseTeacher:
+        if self.teacher is None:
+            raise TeacherNotLoaded("This teacher host has no task data (a restarted actor): load it first.")
+        return self.teacher
 
     def describe(self) -> TeacherInfo:
-        return self.teacher.describe()
+        return self._loaded().describe()
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
-        return self.teacher.embed_tokens(ids)
+        return self._loaded().embed_tokens(ids)
 
     def query(self, prompts: np.ndarray, split: str, example_ids: np.ndarray,
               call_ids: Optional[Sequence[str]] = None) -> np.ndarray:
-        return self.teacher.query(prompts, split, example_ids, call_ids)
+        return self._loaded().query(prompts, split, example_ids, call_ids)
 
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
-        return self.teacher.loss_and_grad(prompt, split, example_ids, labels, loss)
+        return self._loaded().loss_and_grad(prompt, split, example_ids, labels, loss)
 
     def stats(self) -> dict:
-        get = getattr(self.teacher, "get_stats", None)
+        get = getattr(self._loaded(), "get_stats", None)
         return get() if get is not None else {}
 
     def node_id(self) -> str:

@@ -55,8 +55,10 @@ def test_a_teacher_actor_killed_mid_call_is_restarted_and_its_calls_requeried_an
     np.testing.assert_array_equal(result["logits"], expected)
     assert pool.requeried >= 1
     assert simulated_service.stats()["billed"] - billed == 6  # the re-queried calls were replays, not new bills
-    # Restarted: a new process behind the same handle, which answers as the old one did.
+    # Restarted: a new process behind the same handle, which the pool gives the data again (Ray rebuilt it from
+    # its constructor's arguments alone) and which then answers as the old one did.
     assert ray.get(pool.teachers[0].__ray_call__.remote(lambda host: os.getpid())) != pid
+    ray.get(pool.teachers[0].load.remote(pool.data_ref))
     again = ray.get(pool.teachers[0].query.remote(prompts[:1], "train", np.arange(len(data.train)), ["after"]))
     np.testing.assert_array_equal(again, expected[:1])
 
@@ -138,3 +140,33 @@ def test_a_killed_driver_resumed_ends_as_an_uninterrupted_run(tiny_config, tmp_p
     clean_history = pq.read_table(tmp_path / "clean" / "history.parquet").to_pydict()
     resumed_history = pq.read_table(killed / "history.parquet").to_pydict()
     assert resumed_history["fitness_best"] == clean_history["fitness_best"]
+
+
+def test_actors_restart_from_small_arguments_and_are_given_their_data_again(local_ray, tiny_config, capfd):
+    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, shutdown_actors
+    from gdfo_ray.tasks import load_task
+
+    config = tiny_config(**{"pool.backend": "ray", "pool.n_teacher_actors": 2, "pool.teacher_num_cpus": 0.25,
+                            "pool.student_num_cpus": 0.25, "pool.student_num_gpus": 0.0})
+    data = load_task(config.task, config.seed)
+    teacher, student = make_ray_teacher_pool(config, data), make_ray_student_group(config, data)
+    try:
+        time.sleep(1.0)  # Ray's core worker reports at actor creation
+        # Ray warns, at error level, of an actor that can restart but whose constructor arguments live in the
+        # object store (they may be gone when it restarts): these actors take the task data after they start.
+        assert "constructor arguments in the object store" not in capfd.readouterr().err
+        prompts = np.random.default_rng(0).normal(size=(6, 2, 32)).astype(np.float32)
+        rows = np.arange(len(data.train))
+        expected = teacher.query(prompts, "train", rows)
+        ray.kill(teacher.teachers[0], no_restart=False)
+        time.sleep(2.0)
+        before = teacher.requeried
+        np.testing.assert_allclose(teacher.query(prompts, "train", rows), expected, rtol=1e-6)
+        assert teacher.requeried > before  # the restarted actor was given its data, and its pieces sent again
+        grad = student.grad_z(np.zeros(8, np.float32))[1]
+        ray.kill(student.workers[0], no_restart=False)
+        time.sleep(2.0)
+        np.testing.assert_allclose(student.grad_z(np.zeros(8, np.float32))[1], grad, rtol=1e-6)
+        assert student.recoveries >= 1
+    finally:
+        shutdown_actors(teacher, student)
