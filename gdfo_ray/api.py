@@ -147,8 +147,7 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
     with open(os.path.join(out, "config.yaml"), "w") as f:
         yaml.safe_dump({**config.to_dict(), "output_dir": out}, f, sort_keys=False)
     with open(os.path.join(out, "versions.json"), "w") as f:
-        json.dump({**versions(), "seeds": {"run": config.seed, "cma": config.seed + 1,
-                                           "prompt_space": config.seed, "student": config.seed}}, f, indent=2)
+        json.dump({**versions(), "seeds": dataclasses.asdict(config.seeds)}, f, indent=2)
     say(f"[gdfo] {config.method} on {data.spec.name}: {len(data.train)} train / {len(data.dev)} dev / "
         f"{len(data.test)} test rows from {data.source}")
     teacher, student, ray_started = _make_pools(config, data)
@@ -196,7 +195,7 @@ def build_space(config: GDFOConfig, teacher, student) -> tuple:
     Returns ``(teacher info, space)``. Call it before a resumed student loads its state.
     """
     info = teacher.describe()
-    space = make_space(config.method, config.prompt, config.seed, info, teacher.embed_tokens)
+    space = make_space(config.method, config.prompt, config.seeds.prompt_space, info, teacher.embed_tokens)
     if student is not None and config.model.student_spec.reads_teacher:
         student.set_prompt_space(space.A, space.P0)
     return info, space

@@ -538,6 +538,29 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class RunSeeds:
+    """Every random stream of a run, derived in this one place from its seed, and recorded with its results."""
+
+    run: int  # the driver's generator: replay sampling, kd's noise, the random control's directions
+    cma: int  # pycma's seed; pycma reads 0 as "from the clock", hence seed + 1 (bbtv2: cma * 1000 + layer)
+    prompt_space: int  # A and P0 of the intrinsic space
+    student_init: int  # the student's own projection and prompt tokens
+    torch: int  # torch's global generator in every process that builds a model
+    fidelity_rows: int  # the train rows on which fidelity is measured
+    split: int  # the few-shot split
+
+    @classmethod
+    def derive(cls, seed: int, split_seed: Optional[int] = None) -> "RunSeeds":
+        """The seeds of a run of ``seed`` (and of the few-shot split ``split_seed``, by default the run's).
+
+        >>> RunSeeds.derive(42).cma, RunSeeds.derive(42, split_seed=13).split
+        (43, 13)
+        """
+        return cls(run=seed, cma=seed + 1, prompt_space=seed, student_init=seed + 1, torch=seed,
+                   fidelity_rows=seed + 7, split=seed if split_seed is None else split_seed)
+
+
+@dataclass(frozen=True)
 class GDFOConfig:
     """Everything one run needs; ``asdict(config)`` is stored with every result.
 
@@ -590,6 +613,10 @@ class GDFOConfig:
     @property
     def uses_student(self) -> bool:
         return self.method in ("kd", "gdfo")
+
+    @property
+    def seeds(self) -> RunSeeds:
+        return RunSeeds.derive(self.seed, self.task.split_seed)
 
     @property
     def popsize(self) -> int:

@@ -43,7 +43,7 @@ class DriverState:
     pending_distill: Optional[list] = None  # batches of a distillation still running (student.overlap_distill)
 
 
-class StepContext:
+class GenerationContext:
     """What a method may do in one generation: evaluate candidates, distill, ask the student."""
 
     def __init__(self, driver: "Driver"):
@@ -172,7 +172,7 @@ class StudentLane:
 class _LaneProxy:
     """``ctx.student.<method>(...)``: a student call through the lane, its wait counted as student time."""
 
-    def __init__(self, ctx: StepContext):
+    def __init__(self, ctx: GenerationContext):
         self._ctx = ctx
 
     def __getattr__(self, name: str):
@@ -222,13 +222,13 @@ class Driver:
         self.train_ids = np.arange(len(data.train))
         # Its own generator: drawing these rows leaves the run's stream (and so its results) unchanged.
         n_fid = min(config.student.fidelity_rows, len(data.train))
-        self.fidelity_rows = np.sort(np.random.default_rng(config.seed + 7).choice(len(data.train), n_fid,
+        self.fidelity_rows = np.sort(np.random.default_rng(config.seeds.fidelity_rows).choice(len(data.train), n_fid,
                                                                                      replace=False))
         self.hooks = list(hooks)
         self.gate = gate
         if state is None:
             state = DriverState(make_method(config, getattr(space, "n_layers", 1)), CallBudget(config.search.budget_calls),
-                                ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seed))
+                                ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seeds.run))
         elif state.np_global_state:
             np.random.set_state(state.np_global_state)
         self.state = state
@@ -268,7 +268,7 @@ class Driver:
             if self.gate is not None and not self.gate(s.method.calls_per_generation):
                 break
             t0 = time.perf_counter()
-            ctx = StepContext(self)
+            ctx = GenerationContext(self)
             info = s.method.step(ctx)
             s.generation += 1
             t_eval = time.perf_counter()

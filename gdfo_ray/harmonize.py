@@ -33,6 +33,18 @@ def line_steps(n: int) -> np.ndarray:
     return 2.0 ** (np.arange(n) - n // 2)
 
 
+def gradient_step(z: np.ndarray, grad: np.ndarray, length: float) -> np.ndarray:
+    """``z`` moved by ``length`` along ``-grad``; unmoved when the gradient vanishes or is not finite.
+
+    >>> gradient_step(np.zeros(2), np.array([3.0, 4.0]), 5.0).tolist()
+    [-3.0, -4.0]
+    """
+    norm = float(np.linalg.norm(grad))
+    if norm == 0.0 or not np.isfinite(norm):
+        return z.copy()
+    return z + length * (-grad / norm)
+
+
 def harmonize(m_prev: np.ndarray, m_new: np.ndarray, sigma: float, grad: np.ndarray, eta: float,
               gamma: float, gate: str = "rho", n_candidates: int = 1) -> Harmonized:
     """``z_GD(s) = m' - s eta sigma' sqrt(d) g/||g||`` for s in :func:`line_steps`; ``m_next = m' + w (z_GD(1) - m')``.
@@ -52,8 +64,8 @@ def harmonize(m_prev: np.ndarray, m_new: np.ndarray, sigma: float, grad: np.ndar
         return Harmonized(m_new.copy(), m_new.copy(), 0.0, m_new[None].copy(), 0.0)
     direction = -grad / g_norm
     step = eta * sigma * np.sqrt(d)
-    candidates = m_new[None] + (line_steps(n_candidates) * step)[:, None] * direction[None]
-    z_gd = m_new + step * direction
+    candidates = np.stack([gradient_step(m_new, grad, s * step) for s in line_steps(n_candidates)])
+    z_gd = gradient_step(m_new, grad, step)
     move = m_new - m_prev
     move_norm = float(np.linalg.norm(move))
     rho = float(direction @ move / move_norm) if move_norm > 0 else 0.0

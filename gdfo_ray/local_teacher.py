@@ -23,7 +23,7 @@ class LocalTeacher(BaseTeacher):
 
     def __init__(self, config: GDFOConfig, data: TaskData):
         set_threads(config.pool.torch_threads)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seeds.torch)
         self.name = config.model.teacher
         self.lm = build_prompted_lm(
             config.model.teacher, config.model.teacher_kind, data.spec,

@@ -1,23 +1,56 @@
 """The compared methods, each one ``step`` of the same driver loop (docs/method.md, Methods).
 
 A method proposes candidates and learns from their fitness; it never calls the
-teacher itself but goes through :class:`~gdfo_ray.driver.StepContext`, which
-charges the budget before dispatch and keeps the best-so-far prompt.
+teacher itself but goes through a :class:`StepContext`, which the driver provides:
+it charges the budget before dispatch and keeps the best-so-far prompt.
 """
 
 from __future__ import annotations
 
 import abc
 import warnings
-from typing import TYPE_CHECKING, Optional
+from concurrent.futures import Future
+from typing import Any, ContextManager, Optional, Protocol
 
 import numpy as np
 
 from gdfo_ray.config import GDFOConfig
-from gdfo_ray.harmonize import harmonize
+from gdfo_ray.harmonize import gradient_step, harmonize
 
-if TYPE_CHECKING:
-    from gdfo_ray.driver import StepContext
+
+class StepContext(Protocol):
+    """What a method may do in one generation (:class:`gdfo_ray.driver.GenerationContext` provides it)."""
+
+    rng: np.random.Generator  # the run's generator
+    student: Any  # the student's calls (``grad_z``, ``state``...), each waited for; None without a student
+    overlap_distill: bool
+
+    def evaluate(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Charge ``len(Z)`` calls and return the teacher's (fitness, logits) on the train batch."""
+
+    def loss_and_grad(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        """One white-box call: the teacher's loss at z and its gradient in z."""
+
+    def predict_async(self, Z: np.ndarray) -> Future:
+        """Start the student's prediction of a population's fitness."""
+
+    def wait_student(self, future: Future) -> Any:
+        """The result of a started student call."""
+
+    def fidelity(self, predicted: np.ndarray, logits: np.ndarray) -> float:
+        """Spearman of the student's predicted against the teacher's fitness."""
+
+    def distill(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> float:
+        """Store the paid answers and take the student's K steps; returns the KD loss."""
+
+    def distill_later(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> None:
+        """As :meth:`distill`, left running while the next generation queries the teacher."""
+
+    def previous_distill_loss(self) -> float:
+        """The KD loss of the steps :meth:`distill_later` started one generation ago."""
+
+    def timed(self, key: str) -> ContextManager:
+        """Adds the block's wall time to the generation's timing ``key``."""
 
 
 def _import_cma():
@@ -40,7 +73,7 @@ class BaseMethod(abc.ABC):
     calls_per_generation: int = 0
 
     @abc.abstractmethod
-    def step(self, ctx: "StepContext") -> dict:
+    def step(self, ctx: StepContext) -> dict:
         """Run one generation; returns its method-specific diagnostics for the history row."""
 
 
@@ -49,7 +82,7 @@ class Manual(BaseMethod):
 
     name = "manual"
 
-    def step(self, ctx: "StepContext") -> dict:  # never called: 0 calls per generation
+    def step(self, ctx: StepContext) -> dict:  # never called: 0 calls per generation
         raise RuntimeError("The manual method has no generations.")
 
 
@@ -61,10 +94,9 @@ class BBT(BaseMethod):
     def __init__(self, config: GDFOConfig):
         self.d = config.prompt.intrinsic_dim
         self.calls_per_generation = config.popsize
-        # pycma treats seed 0 as "from the clock"; +1 keeps every run seed reproducible.
-        self.es = make_es(config, config.seed + 1)
+        self.es = make_es(config, config.seeds.cma)
 
-    def _ask_tell(self, ctx: "StepContext", predict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    def _ask_tell(self, ctx: StepContext, predict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         with ctx.timed("optimizer_s"):
             Z = np.asarray(self.es.ask())
         predicting = ctx.predict_async(Z) if predict else None  # runs while the teacher does
@@ -79,7 +111,7 @@ class BBT(BaseMethod):
             self.es.tell(list(Z), F.tolist())
         return Z, F, logits, info
 
-    def step(self, ctx: "StepContext") -> dict:
+    def step(self, ctx: StepContext) -> dict:
         return self._ask_tell(ctx, predict=False)[3]
 
 
@@ -101,10 +133,10 @@ class BBTv2(BaseMethod):
         self.z = np.zeros(n_layers * self.d)
         self.current_fitness = float("inf")
         self.turn = 0
-        # One seed per layer, derived from the run seed (+1 as in BBT: pycma reads seed 0 as "from the clock").
-        self.es = [make_es(config, (config.seed + 1) * 1000 + layer) for layer in range(n_layers)]
+        # One seed per layer, derived from the run's CMA-ES seed.
+        self.es = [make_es(config, config.seeds.cma * 1000 + layer) for layer in range(n_layers)]
 
-    def step(self, ctx: "StepContext") -> dict:
+    def step(self, ctx: StepContext) -> dict:
         layer = self.turn % self.n_layers
         es, part = self.es[layer], slice(layer * self.d, (layer + 1) * self.d)
         with ctx.timed("optimizer_s"):
@@ -144,7 +176,7 @@ class GDFO(BBT):
             self.warmup = [np.zeros(self.d), float("inf"), self.h.eta * config.search.sigma0 * np.sqrt(self.d),
                            self.h.warmup_steps]
 
-    def _direction(self, ctx: "StepContext", z: np.ndarray) -> tuple[float, np.ndarray]:
+    def _direction(self, ctx: StepContext, z: np.ndarray) -> tuple[float, np.ndarray]:
         """The student's loss and gradient at z; with the random control, a random direction instead."""
         # With student.overlap_distill this gradient comes from a student one generation behind: its steps on
         # this generation's answers run during the next generation's teacher calls.
@@ -153,7 +185,7 @@ class GDFO(BBT):
             grad = ctx.rng.normal(size=self.d)
         return loss, grad
 
-    def _warmup_step(self, ctx: "StepContext") -> dict:
+    def _warmup_step(self, ctx: StepContext) -> dict:
         z, best, step, left = self.warmup
         loss, grad = self._direction(ctx, z)
         norm = float(np.linalg.norm(grad))
@@ -183,7 +215,7 @@ class GDFO(BBT):
         state.setdefault("popsize", state["calls_per_generation"])
         self.__dict__.update(state)
 
-    def step(self, ctx: "StepContext") -> dict:
+    def step(self, ctx: StepContext) -> dict:
         if self.warmup is not None:
             return self._warmup_step(ctx)
         injected = 0 if self.z_gd is None else len(self.z_gd)
@@ -229,10 +261,10 @@ class LQCMA(BBT):
     def __init__(self, config: GDFOConfig):
         self.d = config.prompt.intrinsic_dim
         self.calls_per_generation = config.popsize  # at most; the budget is charged per call
-        self.es = make_es(config, config.seed + 1)
+        self.es = make_es(config, config.seeds.cma)
         self.surrogate = _import_cma().fitness_models.SurrogatePopulation(None)
 
-    def step(self, ctx: "StepContext") -> dict:
+    def step(self, ctx: StepContext) -> dict:
         with ctx.timed("optimizer_s"):
             X = self.es.ask()
         paid = []
@@ -278,16 +310,14 @@ class KD(BaseMethod):
         self.eta = config.harmonize.eta
         self.z = np.zeros(self.d)
 
-    def step(self, ctx: "StepContext") -> dict:
+    def step(self, ctx: StepContext) -> dict:
         noise = ctx.rng.normal(size=(self.calls_per_generation - 1, self.d)) * self.sigma
         Z = np.vstack([self.z, self.z + noise])
         predicted = ctx.wait_student(ctx.predict_async(Z))
         F, logits = ctx.evaluate(Z)
         info = {"kd_loss": ctx.distill(Z, logits, F), "fidelity": ctx.fidelity(predicted, logits)}
         info["student_loss"], g = ctx.student.grad_z(self.z)
-        norm = float(np.linalg.norm(g))
-        if norm > 0:
-            self.z = self.z - self.eta * self.sigma * np.sqrt(self.d) * g / norm
+        self.z = gradient_step(self.z, g, self.eta * self.sigma * np.sqrt(self.d))  # the step harmonize takes
         return info
 
 
@@ -302,7 +332,7 @@ class WhiteBox(BaseMethod):
         self.z, self.m, self.v, self.t = np.zeros(d), np.zeros(d), np.zeros(d), 0
         self.lr = config.search.white_box_lr
 
-    def step(self, ctx: "StepContext") -> dict:
+    def step(self, ctx: StepContext) -> dict:
         loss, g = ctx.loss_and_grad(self.z)
         self.t += 1
         self.m = 0.9 * self.m + 0.1 * g

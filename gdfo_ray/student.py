@@ -127,7 +127,7 @@ class StudentModel(nn.Module):
                 # Only then: a causal-LM student would otherwise cache its text states even with a trained body.
                 self.lm.cache_prefixes(["train"])
         d, n, h = config.prompt.intrinsic_dim, config.prompt.n_prompt_tokens, self.lm.hidden_size
-        gen = torch.Generator().manual_seed(config.seed + 1)
+        gen = torch.Generator().manual_seed(config.seeds.student_init)
         std = config.prompt.alpha * self.lm.embedding_std() / np.sqrt(d)
         self.A = nn.Parameter((torch.randn(d, n * h, generator=gen) * std).to(self.lm.device))
         vocab = self.lm.embeddings.weight.shape[0]
@@ -177,7 +177,7 @@ class StudentTrainer:
 
     def __init__(self, config: GDFOConfig, data: TaskData):
         set_threads(config.pool.torch_threads)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seeds.torch)
         self.config = config.student
         self.loss_name = config.search.loss or data.spec.loss
         self.model = StudentModel(config, data)

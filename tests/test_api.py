@@ -36,6 +36,16 @@ def test_every_method_runs_and_writes_its_outputs(tiny_config, method):
         assert summary["median_fidelity"] is not None
 
 
+def test_every_random_stream_of_a_run_is_derived_in_one_place_and_recorded(tiny_config):
+    import dataclasses
+
+    config = tiny_config(method="bbt", **{"task.split_seed": 42, "seed": 5})
+    result = run(config, progress=None)
+    recorded = json.load(open(os.path.join(result.output_dir, "versions.json")))["seeds"]
+    assert recorded == dataclasses.asdict(config.seeds)
+    assert recorded["cma"] == 6 and recorded["split"] == 42 and recorded["prompt_space"] == 5
+
+
 def test_existing_run_is_not_overwritten_silently(tiny_config):
     config = tiny_config(method="bbt")
     run(config, progress=None)
