@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Optional, Sequence
@@ -59,6 +60,11 @@ class _Run(_BaseCommand):
         run(config, resume=args.resume, overwrite=args.overwrite,
             progress=lambda line: print(line, file=sys.stderr, flush=True))
         return 0
+
+
+def defaults(cls: type) -> dict:
+    """A dataclass's field defaults: the one source of the CLI's defaults for its settings."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def build_config(args: argparse.Namespace) -> GDFOConfig:
@@ -171,11 +177,16 @@ class _Bench(_BaseCommand):
         parser.add_argument("--config", help="YAML config every cell starts from")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config field of every cell (repeatable)")
-        parser.add_argument("--split-seeds", default="auto", choices=("auto", "match"),
+        from gdfo_ray.campaign import SPLIT_SEED_MODES, CampaignConfig
+
+        d = defaults(CampaignConfig)
+        parser.add_argument("--split-seeds", default=d["split_seeds"], choices=SPLIT_SEED_MODES,
                             help="auto: a task without a split for a seed uses one of its other splits")
-        parser.add_argument("--cell-cpus", type=float, default=2.0, help="CPUs per cell (also its torch threads)")
-        parser.add_argument("--cell-gpus", type=float, default=0.0, help="GPUs per cell")
-        parser.add_argument("--max-retries", type=int, default=1, help="reruns of a cell whose worker died")
+        parser.add_argument("--cell-cpus", type=float, default=d["cell_cpus"],
+                            help="CPUs per cell (also its torch threads)")
+        parser.add_argument("--cell-gpus", type=float, default=d["cell_gpus"], help="GPUs per cell")
+        parser.add_argument("--max-retries", type=int, default=d["max_retries"],
+                            help="reruns of a cell whose worker died")
         parser.add_argument("--reuse", metavar="DIR",
                             help="an earlier campaign directory: its finished cells whose settings match are copied "
                                  "in instead of run again (a bbt cell pairs with a new student's gdfo cells)")
@@ -215,20 +226,24 @@ class _Tune(_BaseCommand):
         parser.add_argument("--seed", type=int)
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config field of every trial (repeatable)")
-        parser.add_argument("--samples", type=int, default=8, help="number of trials")
+        from gdfo_ray.tune import TuneSettings
+
+        d = defaults(TuneSettings)
+        parser.add_argument("--samples", type=int, default=d["num_samples"], help="number of trials")
         parser.add_argument("--space", help="YAML {dotted.key: {uniform|loguniform|randint|choice: args}} "
                             "replacing the method's default space")
-        parser.add_argument("--name", default="gdfo_tune", help="experiment name")
-        parser.add_argument("--storage", default="tune_results", help="where experiments are kept")
+        parser.add_argument("--name", default=d["name"], help="experiment name")
+        parser.add_argument("--storage", default=d["storage_dir"], help="where experiments are kept")
         parser.add_argument("--resume", action="store_true",
                             help="continue the experiment --name in --storage with its saved settings (Tuner.restore)")
         parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
         parser.add_argument("--grace-calls", type=int, help="calls before ASHA may stop a trial (default budget/4)")
-        parser.add_argument("--reduction-factor", type=int, default=3)
+        parser.add_argument("--reduction-factor", type=int, default=d["reduction_factor"])
         parser.add_argument("--total-calls", type=int, help="train calls all trials may spend together")
-        parser.add_argument("--trial-cpus", type=float, default=2.0, help="CPUs per trial (pool.backend=local)")
-        parser.add_argument("--trial-gpus", type=float, default=0.0)
-        parser.add_argument("--search-seed", type=int, default=0, help="Optuna sampler seed")
+        parser.add_argument("--trial-cpus", type=float, default=d["trial_cpus"],
+                            help="CPUs per trial (pool.backend=local)")
+        parser.add_argument("--trial-gpus", type=float, default=d["trial_gpus"])
+        parser.add_argument("--search-seed", type=int, default=d["seed"], help="Optuna sampler seed")
 
     def take_action(self, args: argparse.Namespace) -> int:
         from gdfo_ray.tune import TuneSettings, tune_run

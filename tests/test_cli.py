@@ -70,3 +70,24 @@ def test_bench_and_report_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--tasks", "sst2", "--seeds", "1", "--methods", "bbtv3"])
     assert "invalid choice: 'bbtv3'" in capsys.readouterr().err
+
+
+def test_command_defaults_are_the_settings_dataclasses_defaults():
+    import argparse
+
+    from gdfo_ray import cli
+    from gdfo_ray.campaign import CampaignConfig
+    from gdfo_ray.tune import TuneSettings
+
+    bench = argparse.ArgumentParser()
+    cli._Bench().add_arguments(bench)
+    args = bench.parse_args(["--tasks", "sst2", "--seeds", "1", "--methods", "bbt"])
+    campaign = cli.defaults(CampaignConfig)
+    assert (args.cell_cpus, args.cell_gpus, args.max_retries, args.split_seeds) == tuple(
+        campaign[k] for k in ("cell_cpus", "cell_gpus", "max_retries", "split_seeds"))
+    tune = argparse.ArgumentParser()
+    cli._Tune().add_arguments(tune)
+    args = tune.parse_args([])
+    settings = cli.defaults(TuneSettings)
+    assert (args.samples, args.name, args.storage, args.reduction_factor, args.trial_cpus, args.search_seed) == tuple(
+        settings[k] for k in ("num_samples", "name", "storage_dir", "reduction_factor", "trial_cpus", "seed"))
