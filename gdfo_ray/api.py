@@ -9,6 +9,7 @@ from the last completed one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -150,34 +151,52 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
         json.dump({**versions(), "seeds": dataclasses.asdict(config.seeds)}, f, indent=2)
     say(f"[gdfo] {config.method} on {data.spec.name}: {len(data.train)} train / {len(data.dev)} dev / "
         f"{len(data.test)} test rows from {data.source}")
-    teacher, student, ray_started = _make_pools(config, data)
+    if checkpoint is not None:
+        s = checkpoint["state"]
+        say(f"[gdfo] resuming {out} after generation {s.generation} ({s.budget.spent} calls spent)")
+
+    def save(driver: Driver, row: dict) -> None:
+        say(format_progress(row, config.search.budget_calls))
+        payload = {"config": config.to_dict(), "state": driver.state, "student": driver.student_checkpoint()}
+        _atomic_write(os.path.join(out, CHECKPOINT), lambda f: pickle.dump(payload, f))
+        _write_history(out, driver.state.history, config)
+
+    with open_run(config, data, checkpoint=checkpoint, hooks=(save,)) as driver:
+        driver.run()
+        driver.close()  # the student's last steps are in: it can be scored and saved
+        summary = _finish(config, driver, data, driver.teacher, driver.student, driver.space, out, say)
+    summary["teacher_info"] = dataclasses.asdict(driver.teacher_info)  # hidden size, dtype the black box computed in
+    summary["wall_s"] = time.time() - started
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    say(f"[gdfo] results in {out}")
+    return RunResult(out, summary, driver.state.history, driver.best_z)
+
+
+@contextlib.contextmanager
+def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hooks: tuple = (),
+             gate: Optional[Callable[[int], bool]] = None, limiter_actor: Any = None,
+             token: Optional[str] = None) -> Iterator[Driver]:
+    """Config in, a ready driver with its pools out: the one way a run is built (``run``, Tune's trials).
+
+    ``checkpoint`` (``{"state", "student"}``) resumes; ``hooks`` and ``gate`` go to the
+    :class:`~gdfo_ray.driver.Driver`; ``limiter_actor`` and ``token`` to the pools. On exit
+    the driver is closed, the pools' actors are shut down, and a Ray started here stops.
+    """
+    teacher, student, ray_started = _make_pools(config, data, limiter_actor=limiter_actor, token=token)
     try:
         info, space = build_space(config, teacher, student)
         state = None
         if checkpoint is not None:
             state = checkpoint["state"]
-            if student is not None and checkpoint["student"] is not None:
+            if student is not None and checkpoint.get("student") is not None:
                 student.load_state(checkpoint["student"])
-            say(f"[gdfo] resuming {out} after generation {state.generation} ({state.budget.spent} calls spent)")
-
-        def save(driver: Driver, row: dict) -> None:
-            say(format_progress(row, config.search.budget_calls))
-            payload = {"config": config.to_dict(), "state": driver.state, "student": driver.student_checkpoint()}
-            _atomic_write(os.path.join(out, CHECKPOINT), lambda f: pickle.dump(payload, f))
-            _write_history(out, driver.state.history, config)
-
-        driver = Driver(config, data, teacher, student, space, state=state, hooks=(save,))
+        driver = Driver(config, data, teacher, student, space, state=state, hooks=hooks, gate=gate)
+        driver.teacher_info = info
         try:
-            driver.run()
+            yield driver
         finally:
             driver.close()
-        summary = _finish(config, driver, data, teacher, student, space, out, say)
-        summary["teacher_info"] = dataclasses.asdict(info)  # hidden size, dtype the black box computed in
-        summary["wall_s"] = time.time() - started
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=float)
-        say(f"[gdfo] results in {out}")
-        return RunResult(out, summary, driver.state.history, driver.best_z)
     finally:
         if config.pool.backend == "ray":
             from gdfo_ray.distributed import shutdown_actors

@@ -226,6 +226,7 @@ class Driver:
                                                                                      replace=False))
         self.hooks = list(hooks)
         self.gate = gate
+        self.teacher_info = None  # what the teacher's describe() said, where the run builder asked it
         if state is None:
             state = DriverState(make_method(config, getattr(space, "n_layers", 1)), CallBudget(config.search.budget_calls),
                                 ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seeds.run))

@@ -210,7 +210,7 @@ def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = No
     import ray
     from ray import tune
 
-    from gdfo_ray.api import _make_pools, build_space
+    from gdfo_ray.api import open_run
     from gdfo_ray.driver import Driver
     from gdfo_ray.tasks import load_task
 
@@ -219,39 +219,26 @@ def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = No
     overrides = {**params, "search.eval_every_calls": 1, "output_dir": trial_dir}
     config = GDFOConfig.from_dict(apply_overrides(copy.deepcopy(base), overrides))
     data = load_task(config.task, config.seed)
-    teacher, student, _ = _make_pools(config, data, limiter_actor=limiter, token=token)
-    try:
-        _, space = build_space(config, teacher, student)
-        state = None
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder, open(os.path.join(folder, "state.pkl"), "rb") as f:
-                saved = pickle.load(f)
-            state = saved["state"]
-            if student is not None and saved["student"] is not None:
-                student.load_state(saved["student"])
+    checkpoint = None
+    saved_trial = tune.get_checkpoint()
+    if saved_trial is not None:
+        with saved_trial.as_directory() as folder, open(os.path.join(folder, "state.pkl"), "rb") as f:
+            checkpoint = pickle.load(f)
 
-        def report(driver: Driver, row: dict) -> None:
-            s = driver.state
-            metrics = {METRIC: float(s.best_dev[1]), TIME_ATTR: int(s.budget.spent), "dev_calls": s.budget.dev_calls,
-                       "generation": s.generation, "fitness_best": float(s.best_train[1]),
-                       "current_dev_score": float(row.get("dev_score", float("nan")))}
-            with tempfile.TemporaryDirectory() as folder:
-                with open(os.path.join(folder, "state.pkl"), "wb") as f:
-                    pickle.dump({"state": s, "student": driver.student_checkpoint()}, f)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    def report(driver: Driver, row: dict) -> None:
+        s = driver.state
+        metrics = {METRIC: float(s.best_dev[1]), TIME_ATTR: int(s.budget.spent), "dev_calls": s.budget.dev_calls,
+                   "generation": s.generation, "fitness_best": float(s.best_train[1]),
+                   "current_dev_score": float(row.get("dev_score", float("nan")))}
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, "state.pkl"), "wb") as f:
+                pickle.dump({"state": s, "student": driver.student_checkpoint()}, f)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-        gate = (lambda calls: ray.get(budget.reserve.remote(calls))) if budget is not None else None
-        driver = Driver(config, data, teacher, student, space, state=state, hooks=(report,), gate=gate)
-        try:
-            driver.run()
-        finally:
-            driver.close()
-    finally:
-        if config.pool.backend == "ray":
-            from gdfo_ray.distributed import shutdown_actors
-
-            shutdown_actors(teacher, student)
+    gate = (lambda calls: ray.get(budget.reserve.remote(calls))) if budget is not None else None
+    with open_run(config, data, checkpoint=checkpoint, hooks=(report,), gate=gate, limiter_actor=limiter,
+                  token=token) as driver:
+        driver.run()
 
 
 def _trainable(settings: TuneSettings, budget: Any, limiter: Any):
