@@ -69,19 +69,19 @@ def parse_student(name: str) -> StudentSpec:
     return StudentSpec("model", name=name)
 
 
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {list(allowed)}, but got {value!r}.")
 
 
-def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be a finite number {bound}, but got {value!r}.")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, but got {value!r}.")
 
@@ -133,15 +133,15 @@ class TaskConfig:
     prompt_placement: str = "prefix"
 
     def __post_init__(self) -> None:
-        _check_choice("task.prompt_placement", self.prompt_placement, ("prefix", "suffix"))
+        check_choice("task.prompt_placement", self.prompt_placement, ("prefix", "suffix"))
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"task.name must be a non-empty string, but got {self.name!r}.")
         if self.metric is not None:
-            _check_choice("task.metric", self.metric, ("accuracy", "f1"))
-        _check_int("task.shots", self.shots, 1)
-        _check_int("task.max_text_tokens", self.max_text_tokens, 1)
+            check_choice("task.metric", self.metric, ("accuracy", "f1"))
+        check_int("task.shots", self.shots, 1)
+        check_int("task.max_text_tokens", self.max_text_tokens, 1)
         if self.max_test_examples is not None:
-            _check_int("task.max_test_examples", self.max_test_examples, 1)
+            check_int("task.max_test_examples", self.max_test_examples, 1)
         if (self.dev_file or self.test_file) and not self.train_file:
             raise ConfigError(
                 "task.dev_file/test_file were given without task.train_file. "
@@ -198,12 +198,12 @@ class ModelConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("model.teacher_kind", self.teacher_kind, MODEL_KINDS)
-        _check_choice("model.student_kind", self.student_kind, MODEL_KINDS)
-        _check_choice("model.dtype", self.dtype, DTYPES)
+        check_choice("model.teacher_kind", self.teacher_kind, MODEL_KINDS)
+        check_choice("model.student_kind", self.student_kind, MODEL_KINDS)
+        check_choice("model.dtype", self.dtype, DTYPES)
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"model.device must be 'auto', 'cpu' or 'cuda[:i]', but got {self.device!r}.")
-        _check_int("model.max_rows_per_forward", self.max_rows_per_forward, 1)
+        check_int("model.max_rows_per_forward", self.max_rows_per_forward, 1)
         spec = parse_student(self.student)
         if spec.reads_teacher and self.teacher_is_service:
             raise ConfigError(
@@ -248,12 +248,12 @@ class PromptConfig:
     deep_layers: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check_int("prompt.intrinsic_dim", self.intrinsic_dim, 1)
-        _check_int("prompt.n_prompt_tokens", self.n_prompt_tokens, 1)
-        _check_positive("prompt.alpha", self.alpha)
-        _check_choice("prompt.init", self.init, PROMPT_INITS)
+        check_int("prompt.intrinsic_dim", self.intrinsic_dim, 1)
+        check_int("prompt.n_prompt_tokens", self.n_prompt_tokens, 1)
+        check_positive("prompt.alpha", self.alpha)
+        check_choice("prompt.init", self.init, PROMPT_INITS)
         if self.deep_layers is not None:
-            _check_int("prompt.deep_layers", self.deep_layers, 1)
+            check_int("prompt.deep_layers", self.deep_layers, 1)
 
 
 @dataclass(frozen=True)
@@ -281,14 +281,14 @@ class SearchConfig:
     white_box_lr: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_int("search.budget_calls", self.budget_calls, 0)
+        check_int("search.budget_calls", self.budget_calls, 0)
         if self.popsize is not None:
-            _check_int("search.popsize", self.popsize, 2)
-        _check_positive("search.sigma0", self.sigma0)
+            check_int("search.popsize", self.popsize, 2)
+        check_positive("search.sigma0", self.sigma0)
         if self.loss is not None:
-            _check_choice("search.loss", self.loss, LOSSES)
-        _check_int("search.eval_every_calls", self.eval_every_calls, 1)
-        _check_positive("search.white_box_lr", self.white_box_lr)
+            check_choice("search.loss", self.loss, LOSSES)
+        check_int("search.eval_every_calls", self.eval_every_calls, 1)
+        check_positive("search.white_box_lr", self.white_box_lr)
         clash = sorted({"popsize", "seed", "sigma0", "CMA_seed"} & set(self.cma_options))
         if clash:
             raise ConfigError(
@@ -363,19 +363,19 @@ class StudentConfig:
     gp_nugget: float = 0.01
 
     def __post_init__(self) -> None:
-        _check_positive("student.gp_scale", self.gp_scale)
-        _check_positive("student.gp_nugget", self.gp_nugget)
-        _check_int("student.k_steps", self.k_steps, 0)
-        _check_int("student.batch_rows", self.batch_rows, 1)
-        _check_positive("student.lr", self.lr)
-        _check_positive("student.projection_lr", self.projection_lr)
-        _check_positive("student.tau", self.tau)
-        _check_positive("student.beta", self.beta, allow_zero=True)
-        _check_positive("student.rank_weight", self.rank_weight, allow_zero=True)
-        _check_int("student.buffer_candidates", self.buffer_candidates, 1)
-        _check_int("student.max_rows_per_forward", self.max_rows_per_forward, 1)
-        _check_int("student.fidelity_rows", self.fidelity_rows, 2)
-        _check_choice("student.precision", self.precision, ("auto", "float32", "bfloat16"))
+        check_positive("student.gp_scale", self.gp_scale)
+        check_positive("student.gp_nugget", self.gp_nugget)
+        check_int("student.k_steps", self.k_steps, 0)
+        check_int("student.batch_rows", self.batch_rows, 1)
+        check_positive("student.lr", self.lr)
+        check_positive("student.projection_lr", self.projection_lr)
+        check_positive("student.tau", self.tau)
+        check_positive("student.beta", self.beta, allow_zero=True)
+        check_positive("student.rank_weight", self.rank_weight, allow_zero=True)
+        check_int("student.buffer_candidates", self.buffer_candidates, 1)
+        check_int("student.max_rows_per_forward", self.max_rows_per_forward, 1)
+        check_int("student.fidelity_rows", self.fidelity_rows, 2)
+        check_choice("student.precision", self.precision, ("auto", "float32", "bfloat16"))
         if self.text_cache and self.train_body:
             raise ConfigError(
                 "student.text_cache reuses the text's states computed once by a frozen body, so it cannot be "
@@ -418,13 +418,13 @@ class HarmonizeConfig:
     keep_sigma: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive("harmonize.eta", self.eta, allow_zero=True)
+        check_positive("harmonize.eta", self.eta, allow_zero=True)
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"harmonize.gamma must be in [0, 1], but got {self.gamma!r}.")
-        _check_choice("harmonize.control", self.control, CONTROLS)
-        _check_choice("harmonize.gate", self.gate, ("rho", "none"))
-        _check_int("harmonize.n_candidates", self.n_candidates, 1)
-        _check_int("harmonize.warmup_steps", self.warmup_steps, 0)
+        check_choice("harmonize.control", self.control, CONTROLS)
+        check_choice("harmonize.gate", self.gate, ("rho", "none"))
+        check_int("harmonize.n_candidates", self.n_candidates, 1)
+        check_int("harmonize.warmup_steps", self.warmup_steps, 0)
         for name in ("mean_to_best", "keep_sigma"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"harmonize.{name} must be true or false, but got {getattr(self, name)!r}.")
@@ -482,24 +482,24 @@ class PoolConfig:
     wait_for_resources_s: float = 60.0
 
     def __post_init__(self) -> None:
-        _check_choice("pool.backend", self.backend, BACKENDS)
-        _check_positive("pool.wait_for_resources_s", self.wait_for_resources_s, allow_zero=True)
-        _check_int("pool.calls_per_actor", self.calls_per_actor, 1)
+        check_choice("pool.backend", self.backend, BACKENDS)
+        check_positive("pool.wait_for_resources_s", self.wait_for_resources_s, allow_zero=True)
+        check_int("pool.calls_per_actor", self.calls_per_actor, 1)
         if self.calls_per_s is not None:
-            _check_positive("pool.calls_per_s", self.calls_per_s)
+            check_positive("pool.calls_per_s", self.calls_per_s)
         if self.max_in_flight is not None:
-            _check_int("pool.max_in_flight", self.max_in_flight, 1)
-        _check_int("pool.rate_burst", self.rate_burst, 1)
-        _check_int("pool.max_actor_restarts", self.max_actor_restarts, 0)
-        _check_int("pool.max_requeries", self.max_requeries, 0)
-        _check_int("pool.n_teacher_actors", self.n_teacher_actors, 1)
-        _check_int("pool.n_student_workers", self.n_student_workers, 1)
-        _check_positive("pool.teacher_num_cpus", self.teacher_num_cpus, allow_zero=True)
-        _check_positive("pool.student_num_cpus", self.student_num_cpus, allow_zero=True)
-        _check_positive("pool.teacher_num_gpus", self.teacher_num_gpus, allow_zero=True)
+            check_int("pool.max_in_flight", self.max_in_flight, 1)
+        check_int("pool.rate_burst", self.rate_burst, 1)
+        check_int("pool.max_actor_restarts", self.max_actor_restarts, 0)
+        check_int("pool.max_requeries", self.max_requeries, 0)
+        check_int("pool.n_teacher_actors", self.n_teacher_actors, 1)
+        check_int("pool.n_student_workers", self.n_student_workers, 1)
+        check_positive("pool.teacher_num_cpus", self.teacher_num_cpus, allow_zero=True)
+        check_positive("pool.student_num_cpus", self.student_num_cpus, allow_zero=True)
+        check_positive("pool.teacher_num_gpus", self.teacher_num_gpus, allow_zero=True)
         if self.student_num_gpus is not None:
-            _check_positive("pool.student_num_gpus", self.student_num_gpus, allow_zero=True)
-        _check_int("pool.torch_threads", self.torch_threads, 0)
+            check_positive("pool.student_num_gpus", self.student_num_gpus, allow_zero=True)
+        check_int("pool.torch_threads", self.torch_threads, 0)
         object.__setattr__(self, "teacher_resources", dict(self.teacher_resources))
 
 
@@ -530,11 +530,11 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if not self.token_env or not isinstance(self.token_env, str):
             raise ConfigError(f"service.token_env must name an environment variable, but got {self.token_env!r}.")
-        _check_positive("service.timeout_s", self.timeout_s)
-        _check_int("service.max_retries", self.max_retries, 0)
-        _check_positive("service.backoff_s", self.backoff_s, allow_zero=True)
-        _check_positive("service.backoff_max_s", self.backoff_max_s, allow_zero=True)
-        _check_positive("service.max_retry_after_s", self.max_retry_after_s, allow_zero=True)
+        check_positive("service.timeout_s", self.timeout_s)
+        check_int("service.max_retries", self.max_retries, 0)
+        check_positive("service.backoff_s", self.backoff_s, allow_zero=True)
+        check_positive("service.backoff_max_s", self.backoff_max_s, allow_zero=True)
+        check_positive("service.max_retry_after_s", self.max_retry_after_s, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -585,8 +585,8 @@ class GDFOConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
-        _check_int("seed", self.seed, 0)
+        check_choice("method", self.method, METHODS)
+        check_int("seed", self.seed, 0)
         if self.method == "white_box" and self.model.teacher_is_service:
             raise ConfigError(
                 f"method 'white_box' needs the teacher's gradients, but model.teacher={self.model.teacher!r} is a "
