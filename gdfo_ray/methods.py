@@ -259,9 +259,7 @@ class LQCMA(BBT):
     name = "lq_cma"
 
     def __init__(self, config: GDFOConfig):
-        self.d = config.prompt.intrinsic_dim
-        self.calls_per_generation = config.popsize  # at most; the budget is charged per call
-        self.es = make_es(config, config.seeds.cma)
+        super().__init__(config)  # lambda calls a generation at most; the budget is charged per call
         self.surrogate = _import_cma().fitness_models.SurrogatePopulation(None)
 
     def step(self, ctx: StepContext) -> dict:

@@ -150,3 +150,28 @@ def test_an_lm_student_reads_the_verbalizer(tiny_config, tiny_models):
     config = tiny_config(**{"model.student": tiny_models["masked"], "search.budget_calls": 8})
     result = run(config, progress=None)
     assert 0.0 <= result.summary["test"]["student"] <= 1.0
+
+
+def test_lq_cma_spends_fewer_calls_a_generation_and_resumes_after_a_crash(tiny_config, tmp_path, monkeypatch):
+    full = run(tiny_config(method="lq_cma", output_dir=str(tmp_path / "full")), progress=None)
+    calls = [r["calls"] for r in full.history]
+    spent = np.diff([0] + calls)
+    assert all(1 <= c <= 4 for c in spent) and min(spent) < 4  # the surrogate spared some candidates a call
+    assert [r["evaluated"] for r in full.history] == spent.tolist()
+
+    import gdfo_ray.api as api
+
+    real_write = api._write_history
+
+    def crash_after_two(out, history, config):
+        real_write(out, history, config)
+        if len(history) == 2:
+            raise _Crash()
+    monkeypatch.setattr(api, "_write_history", crash_after_two)
+    config = tiny_config(method="lq_cma", output_dir=str(tmp_path / "cut"))
+    with pytest.raises(_Crash):
+        run(config, progress=None)
+    monkeypatch.setattr(api, "_write_history", real_write)
+    resumed = run(config, resume=True, progress=None)  # the surrogate's model travels in the checkpoint
+    assert [r["calls"] for r in resumed.history] == calls
+    np.testing.assert_allclose(resumed.best_z, full.best_z)
