@@ -18,10 +18,10 @@ import numpy as np
 from gdfo_ray.budget import CallBudget
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.exceptions import TeacherError
-from gdfo_ray.losses import fitness, metric, spearman
+from gdfo_ray.metrics import fitness, metric, spearman
 from gdfo_ray.methods import BaseMethod, make_method
 from gdfo_ray.prompt import PromptSpace
-from gdfo_ray.student import ReplayBuffer
+from gdfo_ray.replay import ReplayBuffer
 from gdfo_ray.tasks import TaskData
 
 

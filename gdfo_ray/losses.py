@@ -1,24 +1,15 @@
-"""Pure loss, metric and rank functions (numpy and torch, no Ray)."""
+"""The losses the students train on, in torch; the fitness and metrics the driver computes are in
+:mod:`gdfo_ray.metrics` (numpy), re-exported here."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-HINGE_MARGIN = 2.0
+from gdfo_ray.metrics import HINGE_MARGIN, fitness, metric, spearman
 
+__all__ = ["HINGE_MARGIN", "fitness", "kd_loss", "metric", "pairwise_rank_loss", "spearman", "task_loss"]
 
-def fitness(logits: np.ndarray, labels: np.ndarray, loss: str) -> np.ndarray:
-    """Per-candidate fitness (lower is better) of logits ``(k, B, C)`` against ``labels (B,)``.
-
-    >>> round(float(fitness(np.array([[[2.0, 0.0]]]), np.array([0]), "hinge")[0]), 3)
-    0.0
-    """
-    # Contiguous: torch refuses views with negative strides (a population reversed).
-    t = torch.as_tensor(np.ascontiguousarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.ascontiguousarray(labels)).expand(t.shape[0], -1)
-    return task_loss(t, y, loss).numpy()
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
@@ -51,39 +42,3 @@ def pairwise_rank_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.T
     if not mask.any():
         return predicted.sum() * 0.0
     return F.softplus(-sign[mask] * diff_pred[mask]).mean()
-
-
-def metric(logits: np.ndarray, labels: np.ndarray, name: str) -> float:
-    """Accuracy, or binary F1 with class 1 positive (MRPC, as BBT)."""
-    pred = np.asarray(logits).argmax(-1)
-    labels = np.asarray(labels)
-    if name == "accuracy":
-        return float((pred == labels).mean())
-    if name == "f1":
-        tp = float(((pred == 1) & (labels == 1)).sum())
-        fp = float(((pred == 1) & (labels != 1)).sum())
-        fn = float(((pred != 1) & (labels == 1)).sum())
-        return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
-    raise ValueError(f"metric must be 'accuracy' or 'f1', but got {name!r}.")
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant.
-
-    >>> spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0]))
-    0.5
-    """
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for value in np.unique(x):  # ties share their average rank
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks

@@ -111,3 +111,28 @@ def test_fitness_accepts_a_reversed_population():
     logits = np.random.default_rng(0).normal(size=(5, 4, 3))
     labels = np.array([0, 1, 2, 1])
     np.testing.assert_allclose(fitness(logits[::-1], labels, "ce"), fitness(logits, labels, "ce")[::-1])
+
+
+@pytest.mark.parametrize("loss", ["ce", "hinge"])
+def test_the_drivers_numpy_fitness_is_the_students_torch_loss(loss):
+    import torch
+
+    from gdfo_ray.losses import task_loss
+    from gdfo_ray.metrics import fitness as numpy_fitness
+
+    rng = np.random.default_rng(3)
+    logits, labels = rng.normal(size=(17, 32, 4)) * 5, rng.integers(0, 4, size=32)
+    expected = task_loss(torch.as_tensor(logits), torch.as_tensor(labels).expand(17, -1), loss).numpy()
+    np.testing.assert_allclose(numpy_fitness(logits, labels, loss), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="loss must be"):
+        numpy_fitness(logits, labels, "l2")
+
+
+def test_the_driver_and_the_methods_need_neither_torch_nor_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['ray'] = None; "
+            "import gdfo_ray.driver, gdfo_ray.methods, gdfo_ray.harmonize, gdfo_ray.replay, gdfo_ray.metrics")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
