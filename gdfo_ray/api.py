@@ -233,7 +233,7 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[st
 
         p = config.pool
         limiter = (LocalLimiter(p.calls_per_s, p.max_in_flight, p.rate_burst)
-                   if p.calls_per_s is not None or p.max_in_flight is not None else None)
+                   if p.limited else None)
         if limiter_actor is not None:
             limiter = SharedLimiter(limiter_actor, counts_in_flight=p.max_in_flight is not None)
         teacher = TeacherPool([make_teacher(config, data, token=token, limiter=limiter)],

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from gdfo_ray.exceptions import ConfigError
+from gdfo_ray.exceptions import ConfigError, TeacherError
 
 METHODS = ("manual", "bbt", "bbtv2", "kd", "gdfo", "white_box", "lq_cma")
 LOSSES = ("ce", "hinge")
@@ -502,6 +502,11 @@ class PoolConfig:
         check_int("pool.torch_threads", self.torch_threads, 0)
         object.__setattr__(self, "teacher_resources", dict(self.teacher_resources))
 
+    @property
+    def limited(self) -> bool:
+        """Whether teacher calls go through a rate limiter (``calls_per_s`` or ``max_in_flight`` set)."""
+        return self.calls_per_s is not None or self.max_in_flight is not None
+
 
 @dataclass(frozen=True)
 class ServiceConfig:
@@ -613,6 +618,18 @@ class GDFOConfig:
     @property
     def uses_student(self) -> bool:
         return self.method in ("kd", "gdfo")
+
+    def service_token(self, given: Optional[str] = None) -> str:
+        """The teacher service's bearer token: ``given``, else ``$<service.token_env>``; never part of a config.
+
+        Raises:
+            TeacherError: there is none.
+        """
+        token = given or os.environ.get(self.service.token_env)
+        if not token:
+            raise TeacherError(f"No token for the teacher service {self.model.teacher}: set ${self.service.token_env} "
+                               "(service.token_env) to the token the service was started with.")
+        return token
 
     @property
     def seeds(self) -> RunSeeds:

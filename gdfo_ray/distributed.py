@@ -175,11 +175,8 @@ def make_ray_teacher_pool(config: GDFOConfig, data: TaskData, limiter_actor: Any
     p, service = config.pool, config.model.teacher_is_service
     limiter = None
     if service:
-        token = token or os.environ.get(config.service.token_env)
-        if not token:
-            raise TeacherError(f"No token for the teacher service {config.model.teacher}: set "
-                               f"${config.service.token_env} (service.token_env).")
-        if limiter_actor is None and (p.calls_per_s is not None or p.max_in_flight is not None):
+        token = config.service_token(token)
+        if limiter_actor is None and p.limited:
             limiter_actor = make_limiter(p)
         limiter = SharedLimiter(limiter_actor, counts_in_flight=p.max_in_flight is not None) if limiter_actor is not None else None
     cls = ray.remote(TeacherHost).options(

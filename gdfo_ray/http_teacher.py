@@ -12,7 +12,6 @@ fails raises :class:`~gdfo_ray.exceptions.TeacherError`: it is never scored.
 from __future__ import annotations
 
 import email.utils
-import os
 import random
 import threading
 import time
@@ -85,12 +84,7 @@ class HttpTeacher(BaseTeacher):
     def __init__(self, config: GDFOConfig, data: TaskData, token: Optional[str] = None, limiter: Any = None):
         self.url = config.model.teacher.rstrip("/")
         self.settings = config.service
-        self.token = token if token is not None else os.environ.get(self.settings.token_env)
-        if not self.token:
-            raise TeacherError(
-                f"No token for the teacher service {self.url}: set ${self.settings.token_env} (service.token_env) "
-                "to the token the service was started with."
-            )
+        self.token = config.service_token(token)
         self.data = data
         self.max_text_tokens = config.task.max_text_tokens
         self.limiter = limiter

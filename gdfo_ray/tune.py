@@ -246,9 +246,7 @@ def _trainable(settings: TuneSettings, budget: Any, limiter: Any):
 
     config = settings.config
     # The service's token is read here, where the user set it, and travels to the trials (never into a file).
-    token = os.environ.get(config.service.token_env) if config.model.teacher_is_service else None
-    if config.model.teacher_is_service and not token:
-        raise GDFOError(f"No token for the teacher service {config.model.teacher}: set ${config.service.token_env}.")
+    token = config.service_token() if config.model.teacher_is_service else None
     trainable = tune.with_parameters(run_trial, base=dict(settings.base), budget=budget, limiter=limiter, token=token)
     bundles = trial_bundles(settings.config, settings.trial_cpus, settings.trial_gpus)
     return tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
@@ -264,7 +262,7 @@ def _shared_actors(settings: TuneSettings):
     budget = ray.remote(SharedBudget).options(num_cpus=0, max_concurrency=64).remote(
         settings.total_calls, os.path.join(settings.experiment_dir, "shared_budget.json"))
     p, limiter = settings.config.pool, None
-    if settings.config.model.teacher_is_service and (p.calls_per_s is not None or p.max_in_flight is not None):
+    if settings.config.model.teacher_is_service and p.limited:
         limiter = make_limiter(p)
     return budget, limiter
 

@@ -46,3 +46,17 @@ def test_overrides_roundtrip_and_unknown_keys():
     assert GDFOConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="not a valid config key"):
         GDFOConfig().with_overrides({"search.pop": 3})
+
+
+def test_one_token_rule_and_one_limiter_rule(monkeypatch):
+    from gdfo_ray import TeacherError
+
+    config = GDFOConfig.from_dict({"model": {"teacher": "http://127.0.0.1:9"}, "service": {"token_env": "MY_TOKEN"}})
+    monkeypatch.delenv("MY_TOKEN", raising=False)
+    with pytest.raises(TeacherError, match=r"http://127.0.0.1:9: set \$MY_TOKEN"):
+        config.service_token()
+    monkeypatch.setenv("MY_TOKEN", "from-env")
+    assert config.service_token() == "from-env" and config.service_token("given") == "given"
+    assert not config.pool.limited
+    assert config.with_overrides({"pool.max_in_flight": 2}).pool.limited
+    assert config.with_overrides({"pool.calls_per_s": 5.0}).pool.limited
