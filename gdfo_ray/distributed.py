@@ -58,12 +58,17 @@ def actor_bundles(config: GDFOConfig) -> list[dict]:
     return [{k: v for k, v in b.items() if v} for b in bundles]
 
 
-def actor_request(config: GDFOConfig) -> dict:
-    """The resources the run's actors ask for, summed."""
+def shortfall(bundles: list[dict]) -> tuple[dict, dict, dict]:
+    """What ``bundles`` ask for in all, what the Ray cluster holds of it, and what it lacks ({}: none).
+
+    The one fit check of runs (:func:`check_pool_fits`) and of Tune's trials.
+    """
     need: dict = collections.Counter()
-    for bundle in actor_bundles(config):
+    for bundle in bundles:
         need.update(bundle)
-    return dict(need)
+    total = ray.cluster_resources()
+    have = {k: total.get(k, 0.0) for k in need}
+    return dict(need), have, {k: v for k, v in need.items() if v > have[k] + 1e-9}
 
 
 def check_pool_fits(config: GDFOConfig, poll_s: float = 2.0) -> None:
@@ -71,16 +76,14 @@ def check_pool_fits(config: GDFOConfig, poll_s: float = 2.0) -> None:
 
     Waits up to ``pool.wait_for_resources_s`` for nodes to join first (an autoscaling cluster).
     """
-    need = actor_request(config)
     deadline = time.monotonic() + config.pool.wait_for_resources_s
     while True:
-        total = ray.cluster_resources()
-        short = {k: v for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+        need, have, short = shortfall(actor_bundles(config))
         if not short:
             return
         if time.monotonic() >= deadline:
             raise GDFOError(
-                f"The run's actors need {need}, but the Ray cluster has {({k: total.get(k, 0.0) for k in need})} in "
+                f"The run's actors need {need}, but the Ray cluster has {have} in "
                 f"all (waited {config.pool.wait_for_resources_s:.0f} s for more). Lower pool.n_teacher_actors, "
                 "pool.n_student_workers or their pool.*_num_cpus / *_num_gpus / teacher_resources, add nodes, or "
                 "use --backend local."

@@ -46,7 +46,7 @@ class Pacer:
     def try_acquire(self, now: float, weight: float = 1.0) -> float:
         """Book ``weight`` slots only if they are free now: 0.0, else the seconds until they are (nothing booked).
 
-        A weight above ``burst`` can never be booked (see :meth:`fits`).
+        A weight above ``burst`` can never be booked (see :func:`pacer_fits`).
 
         >>> p = Pacer(rate=10.0, burst=20)
         >>> p.try_acquire(0.0, weight=15), p.try_acquire(0.0, weight=10), p.try_acquire(0.5, weight=10)

@@ -269,17 +269,12 @@ def _shared_actors(settings: TuneSettings):
 
 def _check_fits(settings: TuneSettings) -> None:
     """Refuse a trial larger than the cluster: Tune would wait for it forever."""
-    import ray
+    from gdfo_ray.distributed import shortfall
 
-    available = ray.cluster_resources()
-    need: dict = {}
-    for bundle in trial_bundles(settings.config, settings.trial_cpus, settings.trial_gpus):
-        for k, v in bundle.items():
-            need[k] = need.get(k, 0) + v
-    short = {k: v for k, v in need.items() if v > available.get(k, 0) + 1e-9}
+    need, have, short = shortfall(trial_bundles(settings.config, settings.trial_cpus, settings.trial_gpus))
     if short:
         raise ConfigError(
-            f"tune: one trial needs {need}, but the cluster has {dict((k, available.get(k, 0)) for k in need)}. "
+            f"tune: one trial needs {need}, but the cluster has {have}. "
             "Lower --trial-cpus (pool.backend=local) or the actors' resources (pool.*_num_cpus, n_*), or add nodes."
         )
 

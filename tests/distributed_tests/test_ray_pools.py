@@ -83,11 +83,12 @@ def test_one_limiter_caps_the_whole_pool_in_flight_and_per_second(local_ray, tin
 
 def test_a_pool_larger_than_the_cluster_fails_clearly_instead_of_waiting_forever(local_ray, tiny_config, tmp_path):
     from gdfo_ray.api import run
-    from gdfo_ray.distributed import actor_request
+    from gdfo_ray.distributed import actor_bundles, shortfall
     from gdfo_ray.exceptions import GDFOError
 
     config = tiny_config(output_dir=str(tmp_path / "big"), **{
         "pool.backend": "ray", "pool.n_teacher_actors": 3, "pool.wait_for_resources_s": 0.5})
-    assert actor_request(config) == {"CPU": 4.0, "GPU": 1.0}  # 3 teachers + a student on the logical GPU
+    need, have, short = shortfall(actor_bundles(config))  # 3 teachers + a student on the logical GPU
+    assert (need, have, short) == ({"CPU": 4.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 4.0})
     with pytest.raises(GDFOError, match=r"need \{'CPU': 4.0, 'GPU': 1.0\}, but the Ray cluster has \{'CPU': 2.0"):
         run(config, progress=None)
