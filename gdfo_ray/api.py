@@ -227,7 +227,7 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[st
     it was read elsewhere (a Tune driver passing it to its trials).
     """
     if config.pool.backend == "local":
-        from gdfo_ray.ratelimit import LocalLimiter, SharedLimiter
+        from gdfo_ray.ratelimit import LocalLimiter
         from gdfo_ray.student import StudentGroup, make_student
         from gdfo_ray.teacher import TeacherPool, make_teacher
 
@@ -235,6 +235,8 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[st
         limiter = (LocalLimiter(p.calls_per_s, p.max_in_flight, p.rate_burst)
                    if p.limited else None)
         if limiter_actor is not None:
+            from gdfo_ray.distributed import SharedLimiter  # a Tune trial's share of the sweep's limiter
+
             limiter = SharedLimiter(limiter_actor, counts_in_flight=p.max_in_flight is not None)
         teacher = TeacherPool([make_teacher(config, data, token=token, limiter=limiter)],
                               one_call_per_piece=config.model.teacher_is_service)

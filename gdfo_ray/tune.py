@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -180,31 +179,6 @@ def trial_bundles(config: GDFOConfig, trial_cpus: float, trial_gpus: float) -> l
     return [b or {"CPU": 0.01} for b in bundles]
 
 
-class SharedBudget:
-    """Train calls all trials may spend together; its count survives a restart in ``path``."""
-
-    def __init__(self, total: Optional[int], path: str):
-        self.total, self.path = total, path
-        self.spent = 0
-        if os.path.exists(path):
-            with open(path) as f:
-                self.spent = int(json.load(f)["spent"])
-        self._lock = threading.Lock()
-
-    def reserve(self, calls: int) -> bool:
-        with self._lock:
-            if self.total is not None and self.spent + calls > self.total:
-                return False
-            self.spent += calls
-            with open(self.path + ".tmp", "w") as f:
-                json.dump({"spent": self.spent, "total": self.total}, f)
-            os.replace(self.path + ".tmp", self.path)
-            return True
-
-    def state(self) -> dict:
-        return {"spent": self.spent, "total": self.total}
-
-
 def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = None, token: Optional[str] = None) -> None:
     """One trial: the driver on the train batch, reporting the best dev score every generation."""
     import ray
@@ -259,6 +233,8 @@ def _shared_actors(settings: TuneSettings):
     from gdfo_ray.distributed import make_limiter
 
     os.makedirs(settings.experiment_dir, exist_ok=True)
+    from gdfo_ray.distributed import SharedBudget
+
     budget = ray.remote(SharedBudget).options(num_cpus=0, max_concurrency=64).remote(
         settings.total_calls, os.path.join(settings.experiment_dir, "shared_budget.json"))
     p, limiter = settings.config.pool, None
