@@ -130,6 +130,29 @@ def tiny_config(tiny_models, tiny_data_dir, tmp_path):
 
 
 
+class RunCrashed(Exception):
+    """A run killed on purpose after some generations (the ``crash_after`` fixture)."""
+
+
+@pytest.fixture
+def crash_after(monkeypatch):
+    """``crash_after(n)``: the next run raises ``crash_after.error`` (:class:`RunCrashed`) once generation n
+    is checkpointed; ``crash_after(None)`` lets runs go on again."""
+    import gdfo_ray.api as api
+
+    real = api._write_history
+
+    def arm(n):
+        def write(out, history, config):
+            real(out, history, config)
+            if len(history) == n:
+                raise RunCrashed()
+        monkeypatch.setattr(api, "_write_history", real if n is None else write)
+
+    arm.error = RunCrashed
+    return arm
+
+
 SERVICE_TOKEN = "test-token-123"
 
 

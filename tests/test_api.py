@@ -91,29 +91,18 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_the_old_behaviour(tin
     run(kd, resume=True, progress=None)
 
 
-class _Crash(Exception):
-    pass
-
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap_distill"])
-def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch, overlap):
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_path, crash_after, overlap):
     # With overlap, the checkpoint holds the student before its last, still running, distillation and replays it.
     full = run(tiny_config(output_dir=str(tmp_path / "full"), **{"student.overlap_distill": overlap}), progress=None)
-
-    import gdfo_ray.api as api
-
-    real_write = api._write_history
-    def crash_after_two(out, history, config):
-        real_write(out, history, config)
-        if len(history) == 2:
-            raise _Crash()
-    monkeypatch.setattr(api, "_write_history", crash_after_two)
+    crash_after(2)
     config = tiny_config(output_dir=str(tmp_path / "cut"), **{"student.overlap_distill": overlap})
-    with pytest.raises(_Crash):
+    with pytest.raises(crash_after.error):
         run(config, progress=None)
     with open(tmp_path / "cut" / "checkpoint.pkl", "rb") as f:
         assert pickle.load(f)["state"].generation == 2
-    monkeypatch.setattr(api, "_write_history", real_write)
+    crash_after(None)
     resumed = run(config, resume=True, progress=None)
     assert [r["calls"] for r in resumed.history] == [r["calls"] for r in full.history]
     np.testing.assert_allclose([r["fitness_best"] for r in resumed.history],
@@ -152,26 +141,17 @@ def test_an_lm_student_reads_the_verbalizer(tiny_config, tiny_models):
     assert 0.0 <= result.summary["test"]["student"] <= 1.0
 
 
-def test_lq_cma_spends_fewer_calls_a_generation_and_resumes_after_a_crash(tiny_config, tmp_path, monkeypatch):
+def test_lq_cma_spends_fewer_calls_a_generation_and_resumes_after_a_crash(tiny_config, tmp_path, crash_after):
     full = run(tiny_config(method="lq_cma", output_dir=str(tmp_path / "full")), progress=None)
     calls = [r["calls"] for r in full.history]
     spent = np.diff([0] + calls)
     assert all(1 <= c <= 4 for c in spent) and min(spent) < 4  # the surrogate spared some candidates a call
     assert [r["evaluated"] for r in full.history] == spent.tolist()
-
-    import gdfo_ray.api as api
-
-    real_write = api._write_history
-
-    def crash_after_two(out, history, config):
-        real_write(out, history, config)
-        if len(history) == 2:
-            raise _Crash()
-    monkeypatch.setattr(api, "_write_history", crash_after_two)
+    crash_after(2)
     config = tiny_config(method="lq_cma", output_dir=str(tmp_path / "cut"))
-    with pytest.raises(_Crash):
+    with pytest.raises(crash_after.error):
         run(config, progress=None)
-    monkeypatch.setattr(api, "_write_history", real_write)
+    crash_after(None)
     resumed = run(config, resume=True, progress=None)  # the surrogate's model travels in the checkpoint
     assert [r["calls"] for r in resumed.history] == calls
     np.testing.assert_allclose(resumed.best_z, full.best_z)

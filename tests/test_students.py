@@ -154,7 +154,7 @@ def test_gp_keeps_only_the_newest_answers(tiny_config):
 
 
 @pytest.mark.parametrize("student", ["oracle", "sibling:1", "gp"])
-def test_gdfo_runs_with_every_student_and_resumes_after_a_crash(tiny_config, tmp_path, student):
+def test_gdfo_runs_with_every_student_and_resumes_after_a_crash(tiny_config, tmp_path, crash_after, student):
     full = run(tiny_config(output_dir=str(tmp_path / "full"), **{"model.student": student}), progress=None)
     summary = json.load(open(os.path.join(full.output_dir, "summary.json")))
     assert summary["calls"] <= 24 and summary["median_fidelity"] is not None
@@ -163,25 +163,11 @@ def test_gdfo_runs_with_every_student_and_resumes_after_a_crash(tiny_config, tmp
         assert summary["median_fidelity"] == pytest.approx(1.0)
         assert all(np.isnan(r["kd_loss"]) for r in full.history)
     # Cut after generation 2, resumed: the same run (the student's state, space and answers travel).
-    import gdfo_ray.api as api
-
     config = tiny_config(output_dir=str(tmp_path / "cut"), **{"model.student": student})
-    real = api._write_history
-
-    class Crash(Exception):
-        pass
-
-    def crash(out, history, cfg):
-        real(out, history, cfg)
-        if len(history) == 2:
-            raise Crash()
-
-    api._write_history = crash
-    try:
-        with pytest.raises(Crash):
-            run(config, progress=None)
-    finally:
-        api._write_history = real
+    crash_after(2)
+    with pytest.raises(crash_after.error):
+        run(config, progress=None)
+    crash_after(None)
     resumed = run(config, resume=True, progress=None)
     np.testing.assert_allclose([r["rho"] for r in resumed.history], [r["rho"] for r in full.history], rtol=1e-5)
     np.testing.assert_allclose(resumed.best_z, full.best_z, rtol=1e-5)
