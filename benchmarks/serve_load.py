@@ -140,12 +140,21 @@ def main(argv=None) -> int:
     p.add_argument("--hostile-mb", type=float, default=20.0, help="size of the attackers' bodies of tiny values")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="the service's --max-body-mb")
     args = p.parse_args(argv)
+    token = secrets.token_urlsafe(16)
+    proc, url = start_service(args, token)
+    try:
+        return _measure(args, token, proc, url)
+    finally:  # a benchmark that fails midway leaves no service behind
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _measure(args, token: str, proc, url: str) -> int:
     import psutil
 
     from gdfo_ray.wire import encode_array
 
-    token = secrets.token_urlsafe(16)
-    proc, url = start_service(args, token)
     service = psutil.Process(proc.pid)
     headers = {"Authorization": f"Bearer {token}"}
     info = requests.get(url + "/v1/info", headers=headers, timeout=10).json()
