@@ -53,7 +53,7 @@ def pool_scaling(args: argparse.Namespace, data) -> list[dict]:
 
     from gdfo_ray.budget import CallBudget
     from gdfo_ray.config import GDFOConfig
-    from gdfo_ray.distributed import make_ray_teacher_pool, shutdown_actors
+    from gdfo_ray.distributed import make_ray_teacher_pool, release_ray_pools
 
     # The service enforces R over 100 ms windows (burst R/10), as services count per window; the pool
     # paces itself at R with a smaller burst, so network jitter does not turn into 429s.
@@ -101,7 +101,7 @@ def pool_scaling(args: argparse.Namespace, data) -> list[dict]:
             print(f"N={n:3d} ({actors} actors x {math.ceil(n / actors)}): {r['achieved']:7.1f} calls/s of ideal "
                   f"{ideal:6.1f} ({r['ratio']:.1%}); billed {billed} / charged {budget.spent}; 429s {r['429s']}",
                   file=sys.stderr, flush=True)
-            shutdown_actors(pool)
+            release_ray_pools(pool)
     finally:
         ray.shutdown()
         proc.terminate()

@@ -199,13 +199,9 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
             driver.close()
     finally:
         if config.pool.backend == "ray":
-            from gdfo_ray.distributed import shutdown_actors
+            from gdfo_ray.distributed import release_ray_pools
 
-            shutdown_actors(teacher, student)
-            if ray_started:
-                import ray
-
-                ray.shutdown()
+            release_ray_pools(teacher, student, stop_ray=ray_started)
 
 
 def build_space(config: GDFOConfig, teacher, student) -> tuple:
@@ -242,13 +238,9 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[st
                               one_call_per_piece=config.model.teacher_is_service)
         student = StudentGroup([make_student(config, data)]) if config.uses_student else None
         return teacher, student, False
-    from gdfo_ray.distributed import check_pool_fits, init_ray, make_ray_student_group, make_ray_teacher_pool
+    from gdfo_ray.distributed import make_ray_pools
 
-    started = init_ray(config.pool)
-    check_pool_fits(config)
-    teacher = make_ray_teacher_pool(config, data, limiter_actor=limiter_actor, token=token)
-    student = make_ray_student_group(config, data) if config.uses_student else None
-    return teacher, student, started
+    return make_ray_pools(config, data, limiter_actor=limiter_actor, token=token)
 
 
 def _finish(config, driver: Driver, data, teacher, student, space, out: str, say) -> dict:

@@ -396,10 +396,7 @@ class CampaignResult:
 
 def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -> CampaignResult:
     """Run every unfinished cell as a Ray task; returns what finished, was skipped and failed."""
-    import ray
-
-    from gdfo_ray.config import PoolConfig
-    from gdfo_ray.distributed import init_ray
+    from gdfo_ray.distributed.tasks import as_completed, ray_session
 
     # Seed-major order: a campaign stopped early still has whole seeds of every task and method.
     cells = sorted(plan(campaign), key=lambda c: (campaign.seeds.index(c.seed), campaign.tasks.index(c.task),
@@ -419,32 +416,25 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
     result = CampaignResult([], skipped, {})
     if not todo:
         return result
-    started_ray = init_ray(PoolConfig(ray_address=campaign.ray_address))
     root = data_root(campaign)
-    try:
-        remote = ray.remote(run_cell).options(num_cpus=campaign.cell_cpus, num_gpus=campaign.cell_gpus,
-                                              max_retries=campaign.max_retries, retry_exceptions=False)
-        pending = {remote.remote(cell.config.to_dict(), campaign.results_dir, root): cell for cell in todo}
-        t0 = time.time()
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(ref)
-            try:
-                out = ray.get(ref)
-            except Exception as e:  # a cell's own error: record it, the others go on
-                result.failed[cell.name] = _record_failure(campaign.results_dir, cell, e)
+    calls = {cell.name: (cell.config.to_dict(), campaign.results_dir, root) for cell in todo}
+    by_name = {cell.name: cell for cell in todo}
+    t0 = time.time()
+    with ray_session(campaign.ray_address):
+        for name, out, error in as_completed(run_cell, calls, num_cpus=campaign.cell_cpus,
+                                             num_gpus=campaign.cell_gpus, max_retries=campaign.max_retries):
+            cell = by_name[name]
+            if error is not None:  # a cell's own error: record it, the others go on
+                result.failed[cell.name] = _record_failure(campaign.results_dir, cell, error)
                 say(f"[bench] FAILED {cell.name}: {result.failed[cell.name].splitlines()[0]}")
                 continue
             row = record(campaign.results_dir, cell, out, root)
             result.finished.append({"task": cell.task, "method": cell.method, **row})
             done = len(result.finished) + len(result.failed)
-            eta = (time.time() - t0) / done * len(pending)
+            eta = (time.time() - t0) / done * (len(todo) - done)
             say(f"[bench] {done}/{len(todo)} {cell.name}: test {row['metric']} {row['test_score']:.4f}, "
                 f"{row['calls']} calls, {row['wall_s']:.0f} s{' (resumed)' if out['resumed'] else ''}"
                 f" | about {eta / 60:.0f} min left")
-    finally:
-        if started_ray:
-            ray.shutdown()
     return result
 
 

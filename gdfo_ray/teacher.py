@@ -183,8 +183,3 @@ class TeacherHost:
     def stats(self) -> dict:
         get = getattr(self._loaded(), "get_stats", None)
         return get() if get is not None else {}
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()

@@ -181,7 +181,6 @@ def trial_bundles(config: GDFOConfig, trial_cpus: float, trial_gpus: float) -> l
 
 def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = None, token: Optional[str] = None) -> None:
     """One trial: the driver on the train batch, reporting the best dev score every generation."""
-    import ray
     from ray import tune
 
     from gdfo_ray.api import open_run
@@ -209,7 +208,9 @@ def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = No
                 pickle.dump({"state": s, "student": driver.student_checkpoint()}, f)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    gate = (lambda calls: ray.get(budget.reserve.remote(calls))) if budget is not None else None
+    from gdfo_ray.distributed import budget_gate
+
+    gate = budget_gate(budget) if budget is not None else None
     with open_run(config, data, checkpoint=checkpoint, hooks=(report,), gate=gate, limiter_actor=limiter,
                   token=token) as driver:
         driver.run()
@@ -228,15 +229,10 @@ def _trainable(settings: TuneSettings, budget: Any, limiter: Any):
 
 def _shared_actors(settings: TuneSettings):
     """The sweep's budget actor, and its rate limiter when the trials query one service with a limit."""
-    import ray
-
-    from gdfo_ray.distributed import make_limiter
+    from gdfo_ray.distributed import make_limiter, make_shared_budget
 
     os.makedirs(settings.experiment_dir, exist_ok=True)
-    from gdfo_ray.distributed import SharedBudget
-
-    budget = ray.remote(SharedBudget).options(num_cpus=0, max_concurrency=64).remote(
-        settings.total_calls, os.path.join(settings.experiment_dir, "shared_budget.json"))
+    budget = make_shared_budget(settings.total_calls, os.path.join(settings.experiment_dir, "shared_budget.json"))
     p, limiter = settings.config.pool, None
     if settings.config.model.teacher_is_service and p.limited:
         limiter = make_limiter(p)
@@ -271,11 +267,9 @@ def tune_run(settings: TuneSettings, resume: bool = False, say: Callable[[str], 
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from gdfo_ray.config import PoolConfig
-    from gdfo_ray.distributed import init_ray
+    from gdfo_ray.distributed.tasks import ray_session
 
-    started = init_ray(PoolConfig(ray_address=settings.config.pool.ray_address))
-    try:
+    with ray_session(settings.config.pool.ray_address):
         _check_fits(settings)
         budget, limiter = _shared_actors(settings)
         trainable = _trainable(settings, budget, limiter)
@@ -308,11 +302,6 @@ def tune_run(settings: TuneSettings, resume: bool = False, say: Callable[[str], 
             _write_settings(settings)
         grid = tuner.fit()
         return _summarize(settings, grid, say)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def _write_settings(settings: TuneSettings) -> None:

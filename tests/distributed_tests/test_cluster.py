@@ -65,7 +65,7 @@ def test_ray_address_local_starts_ray_apart_from_the_machines_registered_cluster
 
 
 def test_teacher_actors_land_on_teacher_nodes_and_students_share_the_gpu_node(three_nodes, tiny_config):
-    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, shutdown_actors
+    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, release_ray_pools
     from gdfo_ray.tasks import load_task
 
     config = _cluster_config(tiny_config, **{"pool.n_teacher_actors": 2, "pool.n_student_workers": 2,
@@ -76,7 +76,7 @@ def test_teacher_actors_land_on_teacher_nodes_and_students_share_the_gpu_node(th
         assert set(ray.get([a.node_id.remote() for a in teachers.teachers])) == {three_nodes["teacher"]}
         assert set(ray.get([w.node_id.remote() for w in students.workers])) == {three_nodes["gpu"]}
     finally:
-        shutdown_actors(teachers, students)
+        release_ray_pools(teachers, students)
 
 
 def test_a_gdfo_run_spans_the_cluster_against_a_served_black_box(three_nodes, tiny_config, tiny_models, tmp_path,

@@ -65,7 +65,7 @@ def test_a_teacher_actor_killed_mid_call_is_restarted_and_its_calls_requeried_an
 
 def _drive(config, data, kill_at=None):
     """A whole GDFO run on Ray pools; at generation ``kill_at`` a teacher actor and the student worker die."""
-    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, shutdown_actors
+    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, release_ray_pools
     from gdfo_ray.api import build_space
     from gdfo_ray.driver import Driver
 
@@ -82,7 +82,7 @@ def _drive(config, data, kill_at=None):
         driver.run()
         return driver.state, student.recoveries, student.state()
     finally:
-        shutdown_actors(teacher, student)
+        release_ray_pools(teacher, student)
 
 
 @pytest.mark.parametrize("student", [None, "oracle", "gp"])
@@ -143,7 +143,7 @@ def test_a_killed_driver_resumed_ends_as_an_uninterrupted_run(tiny_config, tmp_p
 
 
 def test_actors_restart_from_small_arguments_and_are_given_their_data_again(local_ray, tiny_config, capfd):
-    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, shutdown_actors
+    from gdfo_ray.distributed import make_ray_student_group, make_ray_teacher_pool, release_ray_pools
     from gdfo_ray.tasks import load_task
 
     config = tiny_config(**{"pool.backend": "ray", "pool.n_teacher_actors": 2, "pool.teacher_num_cpus": 0.25,
@@ -169,4 +169,4 @@ def test_actors_restart_from_small_arguments_and_are_given_their_data_again(loca
         np.testing.assert_allclose(student.grad_z(np.zeros(8, np.float32))[1], grad, rtol=1e-6)
         assert student.recoveries >= 1
     finally:
-        shutdown_actors(teacher, student)
+        release_ray_pools(teacher, student)
