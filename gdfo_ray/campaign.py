@@ -31,27 +31,26 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gdfo_ray.config import (DATA_DIR_ENV, METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config,
-                             flatten_saved_config)
+from gdfo_ray.config import (DATA_DIR_ENV, RUN_LABELS, GDFOConfig, apply_overrides, deep_merge, flatten_config,
+                             flatten_saved_config, label_settings)
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 SPLIT_SEED_MODES = ("match", "auto")
-# Campaign methods beyond the config's: gdfo's random-direction control, which docs/method.md asks every
-# comparison to show beside gdfo (the same step length in a direction unrelated to the student).
-VARIANTS = {"gdfo_random": ("gdfo", {"harmonize.control": "random"})}
-CAMPAIGN_METHODS = METHODS + tuple(VARIANTS)
 
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of a campaign. ``label`` is the config's :func:`~gdfo_ray.config.run_label` (``gdfo_random``:
+    gdfo with ``harmonize.control=random``); results are filed under it (``method=<label>``)."""
+
     task: str
     seed: int
-    method: str
+    label: str
     config: GDFOConfig
 
     @property
     def name(self) -> str:
-        return f"{self.task}_{self.method}_seed{self.seed}"
+        return f"{self.task}_{self.label}_seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -100,9 +99,9 @@ class CampaignConfig:
             if len(set(value)) != len(value):
                 raise ConfigError(f"bench: {name} has repeated entries: {list(value)}.")
             object.__setattr__(self, name, value)
-        bad = [m for m in self.methods if m not in CAMPAIGN_METHODS]
+        bad = [m for m in self.methods if m not in RUN_LABELS]
         if bad:
-            raise ConfigError(f"bench: methods {bad} are unknown; allowed: {list(CAMPAIGN_METHODS)}.")
+            raise ConfigError(f"bench: methods {bad} are unknown; allowed: {list(RUN_LABELS)}.")
         if self.split_seeds not in SPLIT_SEED_MODES:
             raise ConfigError(f"bench: split_seeds must be one of {list(SPLIT_SEED_MODES)}, got {self.split_seeds!r}.")
         if self.cell_cpus <= 0 or self.cell_gpus < 0:
@@ -127,21 +126,20 @@ def plan(campaign: CampaignConfig) -> list[Cell]:
     cells = []
     bases = {task: GDFOConfig.from_dict(apply_overrides(_merged_base(campaign.base), {"task.name": task}))
              for task in campaign.tasks}
-    for task, method in itertools.product(campaign.tasks, campaign.methods):
+    for task, label in itertools.product(campaign.tasks, campaign.methods):
         base = bases[task]
         assigned: dict[int, int] = {}
         for seed in campaign.seeds:
-            config_method, extra = VARIANTS.get(method, (method, {}))
             # Relative to the campaign directory, so that its results can move; run_cell resolves it.
-            overrides = {**extra, "task.name": task, "seed": int(seed), "method": config_method,
-                         "output_dir": os.path.join("runs", f"{task}_{method}_seed{seed}"),
+            overrides = {**label_settings(label), "task.name": task, "seed": int(seed),
+                         "output_dir": os.path.join("runs", f"{task}_{label}_seed{seed}"),
                          "pool.backend": "local", "pool.torch_threads": max(1, int(campaign.cell_cpus))}
             if campaign.budget is not None:
                 overrides["search.budget_calls"] = campaign.budget
             assigned[seed] = _split_seed(campaign, base, task, seed, assigned)
             overrides["task.split_seed"] = assigned[seed]
             config = GDFOConfig.from_dict(apply_overrides(_merged_base(campaign.base), overrides))
-            cells.append(Cell(task, int(seed), method, config))
+            cells.append(Cell(task, int(seed), label, config))
     return cells
 
 
@@ -168,7 +166,7 @@ def _split_seed(campaign: CampaignConfig, base: GDFOConfig, task: str, seed: int
 
 
 def cell_path(results_dir: str, kind: str, cell: Cell) -> str:
-    return os.path.join(results_dir, kind, f"task={cell.task}", f"method={cell.method}", f"seed-{cell.seed}.parquet")
+    return os.path.join(results_dir, kind, f"task={cell.task}", f"method={cell.label}", f"seed-{cell.seed}.parquet")
 
 
 def is_finished(results_dir: str, cell: Cell) -> bool:
@@ -292,7 +290,7 @@ def _cell_row(cell: Cell, out: dict, paths: Mapping[str, str]) -> dict:
     """The cell's Parquet row; ``paths`` are the machine's paths to write by name (see :func:`portable`)."""
     s = portable({**out["summary"], "config": cell.config.to_dict()}, paths)
     test = s["test"]
-    score = test["teacher_manual"] if cell.method == "manual" else test["teacher_tuned"]
+    score = test["teacher_manual"] if cell.config.method == "manual" else test["teacher_tuned"]
     return {
         "seed": cell.seed, "split_seed": cell.config.task.split_seed, "metric": s["metric"],
         "test_score": float(score), "test_manual": float(test["teacher_manual"]),
@@ -304,6 +302,7 @@ def _cell_row(cell: Cell, out: dict, paths: Mapping[str, str]) -> dict:
         **{key: float(sum(r.get(key, 0.0) for r in out["history"]))
            for key in ("teacher_s", "student_s", "optimizer_s", "eval_s")},
         "teacher": cell.config.model.teacher, "student": cell.config.model.student,
+        "control": cell.config.harmonize.control,
         "teacher_dtype": s.get("teacher_info", {}).get("dtype"), "resumed": bool(out["resumed"]),
         "host": out["host"], "started_at": _utc(out["started"]), "finished_at": _utc(out["finished"]),
         "config_json": json.dumps(portable(cell.config.to_dict(), paths)), "versions_json": json.dumps(out["versions"]),
@@ -400,7 +399,7 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
 
     # Seed-major order: a campaign stopped early still has whole seeds of every task and method.
     cells = sorted(plan(campaign), key=lambda c: (campaign.seeds.index(c.seed), campaign.tasks.index(c.task),
-                                                   campaign.methods.index(c.method)))
+                                                   campaign.methods.index(c.label)))
     if campaign.reuse is not None:
         reused = reuse_cells(campaign, campaign.reuse, say)
         say(f"[bench] reused {len(reused)} finished cells of {campaign.reuse}" + (f": {', '.join(reused)}" if reused else ""))
@@ -429,7 +428,7 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
                 say(f"[bench] FAILED {cell.name}: {result.failed[cell.name].splitlines()[0]}")
                 continue
             row = record(campaign.results_dir, cell, out, root)
-            result.finished.append({"task": cell.task, "method": cell.method, **row})
+            result.finished.append({"task": cell.task, "method": cell.label, **row})
             done = len(result.finished) + len(result.failed)
             eta = (time.time() - t0) / done * (len(todo) - done)
             say(f"[bench] {done}/{len(todo)} {cell.name}: test {row['metric']} {row['test_score']:.4f}, "

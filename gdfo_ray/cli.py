@@ -168,10 +168,10 @@ class _Bench(_BaseCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--tasks", nargs="+", required=True, help="presets or custom task names")
         parser.add_argument("--seeds", nargs="+", required=True, help="run seeds (also the few-shot split seeds)")
-        from gdfo_ray.campaign import CAMPAIGN_METHODS
+        from gdfo_ray.config import RUN_LABELS
 
-        parser.add_argument("--methods", nargs="+", required=True, choices=CAMPAIGN_METHODS, metavar="METHOD",
-                            help=f"any of {list(CAMPAIGN_METHODS)} (gdfo_random: gdfo's random-direction control)")
+        parser.add_argument("--methods", nargs="+", required=True, choices=RUN_LABELS, metavar="METHOD",
+                            help=f"any of {list(RUN_LABELS)} (gdfo_random: gdfo with harmonize.control=random)")
         parser.add_argument("--budget", type=int, help="black-box calls per cell (default: the config's)")
         parser.add_argument("--results", default="campaign", help="campaign directory (default: ./campaign)")
         parser.add_argument("--config", help="YAML config every cell starts from")

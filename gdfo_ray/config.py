@@ -28,6 +28,23 @@ PROMPT_INITS = ("vocab", "zeros")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DATA_DIR_ENV = "GDFO_DATA_DIR"
+
+
+def run_label(method: str, control: str = "none") -> str:
+    """How runs, campaign cells and reports name a method run with ``harmonize.control``: ``gdfo_random``
+    for gdfo's random-direction control. The one place the label is formed (:func:`label_settings` reads it)."""
+    return f"{method}_{control}" if method == "gdfo" and control != "none" else method
+
+
+def label_settings(label: str) -> dict:
+    """The settings a :func:`run_label` stands for: ``{"method": ..., "harmonize.control": ...}``."""
+    for control in CONTROLS[1:]:
+        if label == run_label("gdfo", control):
+            return {"method": "gdfo", "harmonize.control": control}
+    return {"method": label}
+
+
+RUN_LABELS = METHODS + tuple(run_label("gdfo", c) for c in CONTROLS[1:])
 # Students that are not a model id of their own (model.student): see StudentSpec.
 STUDENT_KINDS = ("oracle", "sibling:K", "gp", "<HF model id or local path>")
 
@@ -641,8 +658,12 @@ class GDFOConfig:
 
     def default_output_dir(self) -> str:
         """``runs/<task>_<method>_seed<seed>``: stable, so ``--resume`` finds it."""
-        suffix = "_random" if self.method == "gdfo" and self.harmonize.control == "random" else ""
-        return os.path.join("runs", f"{self.task.name}_{self.method}{suffix}_seed{self.seed}")
+        return os.path.join("runs", f"{self.task.name}_{self.label}_seed{self.seed}")
+
+    @property
+    def label(self) -> str:
+        """The run's name in outputs and reports (:func:`run_label`)."""
+        return run_label(self.method, self.harmonize.control)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

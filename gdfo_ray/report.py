@@ -19,12 +19,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from gdfo_ray.campaign import read_results
+from gdfo_ray.config import run_label
 from gdfo_ray.exceptions import GDFOError
 
 TASK_ORDER = ("sst2", "yelp_polarity", "ag_news", "dbpedia", "mrpc", "snli", "rte")
 TASK_TITLES = {"sst2": "SST-2", "yelp_polarity": "Yelp P.", "ag_news": "AG News", "dbpedia": "DBPedia",
                "mrpc": "MRPC", "snli": "SNLI", "rte": "RTE"}
-METHOD_ORDER = ("manual", "bbt", "bbtv2", "lq_cma", "kd", "gdfo", "gdfo_random", "white_box")
+# Rows are keyed by run label (config.run_label): a method, or gdfo with its random-direction control.
+GDFO_RANDOM = run_label("gdfo", "random")
+METHOD_ORDER = ("manual", "bbt", "bbtv2", "lq_cma", "kd", "gdfo", GDFO_RANDOM, "white_box")
 
 
 def _ordered(values: Sequence[str], order: Sequence[str]) -> list:
@@ -92,7 +95,7 @@ def cost_table(rows: list[dict]) -> str:
 
 
 # Which side of a pair is the subject (A in "A − B"): the method listed first here.
-PAIR_PRIORITY = ("gdfo", "gdfo_random", "kd", "lq_cma", "bbtv2", "bbt", "white_box", "manual")
+PAIR_PRIORITY = ("gdfo", GDFO_RANDOM, "kd", "lq_cma", "bbtv2", "bbt", "white_box", "manual")
 BOOTSTRAP_RESAMPLES = 2000
 
 
@@ -248,7 +251,7 @@ def reach_table(rows: list[dict], curves: list[dict], reference: str = "bbt") ->
 
 def student_table(rows: list[dict]) -> str:
     """Markdown: per student method and task, median fidelity and rho, and teacher vs student seconds/generation."""
-    rs = [r for r in rows if r["method"] in ("kd", "gdfo", "gdfo_random")]
+    rs = [r for r in rows if json.loads(r["config_json"])["method"] in ("kd", "gdfo")]
     if not rs:
         return "No cell ran a student."
 
@@ -468,7 +471,7 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES) 
         rungs.append({"dir": folder, "student": students[0], "oracle": students[0] == "oracle",
                       "fidelity": float(np.median(fids)) if fids else float("nan"), "cells": vs_bbt["cells"],
                       "seeds": sorted({int(r["seed"]) for r in gdfo}), "vs_bbt": vs_bbt,
-                      "vs_random": paired_differences(rows, "gdfo", "gdfo_random", n_boot)})
+                      "vs_random": paired_differences(rows, "gdfo", GDFO_RANDOM, n_boot)})
     return sorted(rungs, key=lambda r: (np.nan_to_num(r["fidelity"], nan=-2.0), r["student"]))
 
 

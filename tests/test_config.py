@@ -1,6 +1,7 @@
 import pytest
 
 from gdfo_ray import ConfigError, GDFOConfig
+from gdfo_ray.config import CONTROLS, METHODS, RUN_LABELS, apply_overrides, label_settings, run_label
 
 
 @pytest.mark.parametrize("data, match", [
@@ -60,3 +61,15 @@ def test_one_token_rule_and_one_limiter_rule(monkeypatch):
     assert not config.pool.limited
     assert config.with_overrides({"pool.max_in_flight": 2}).pool.limited
     assert config.with_overrides({"pool.calls_per_s": 5.0}).pool.limited
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("control", CONTROLS)
+def test_a_run_label_stands_for_its_method_and_control(method, control):
+    """The label names gdfo's control and nothing else; reading it back gives the settings that made it."""
+    label = run_label(method, control)
+    config = GDFOConfig.from_dict(apply_overrides(GDFOConfig().to_dict(), {**label_settings(label)}))
+    assert config.method == method
+    assert config.harmonize.control == (control if method == "gdfo" else "none")
+    assert config.label == label
+    assert label in RUN_LABELS

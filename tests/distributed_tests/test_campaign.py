@@ -60,6 +60,7 @@ def test_every_cell_lands_in_the_partitioned_dataset_with_its_config(finished):
     for r in rows:
         config = json.loads(r["config_json"])
         assert (config["task"]["name"], config["method"], config["seed"]) == (r["task"], r["method"], r["seed"])
+        assert r["control"] == config["harmonize"]["control"]  # the setting reaches the results, not only a label
         assert r["calls"] == (8 if r["method"] == "bbt" else 0)
         assert json.loads(r["versions_json"])["torch"] and r["wall_s"] > 0
     split = {(r["task"], r["seed"]): r["split_seed"] for r in rows}
@@ -77,7 +78,7 @@ def test_a_rerun_skips_finished_cells_and_redoes_only_missing_ones(finished):
     again = run_campaign(campaign, say=lambda _: None)
     assert len(again.skipped) == 8 and not again.finished
     before = {(r["task"], r["method"], r["seed"]): r["test_score"] for r in read_results(campaign.results_dir)}
-    cell = next(c for c in plan(campaign) if c.task == "sst2" and c.method == "bbt" and c.seed == 42)
+    cell = next(c for c in plan(campaign) if c.task == "sst2" and c.label == "bbt" and c.seed == 42)
     os.remove(cell_path(campaign.results_dir, "cells", cell))  # as if killed before the cell was recorded
     third = run_campaign(campaign, say=lambda _: None)
     assert [r["seed"] for r in third.finished] == [42] and len(third.skipped) == 7
@@ -107,7 +108,7 @@ def test_cells_finished_before_a_setting_existed_match_only_its_old_behaviour(fi
     shutil.copytree(campaign.results_dir, results)
     kd = _campaign(results, tiny_models, campaign_data, methods=("kd",))
     cell = next(c for c in plan(kd) if c.task == "sst2" and c.seed == 42)
-    source = next(c for c in plan(campaign) if c.task == "sst2" and c.seed == 42 and c.method == "bbt")
+    source = next(c for c in plan(campaign) if c.task == "sst2" and c.seed == 42 and c.label == "bbt")
     path = cell_path(results, "cells", source)
     table = pq.read_table(path)
     config = json.loads(table.column("config_json")[0].as_py())
@@ -204,8 +205,8 @@ def test_gdfo_random_is_gdfo_with_the_random_direction_control(tiny_models, camp
     campaign = _campaign(tmp_path, tiny_models, campaign_data, methods=("gdfo", "gdfo_random"), seeds=(42,),
                          tasks=("sst2",))
     gdfo, control = plan(campaign)
-    assert (gdfo.method, gdfo.config.method, gdfo.config.harmonize.control) == ("gdfo", "gdfo", "none")
-    assert (control.method, control.config.method, control.config.harmonize.control) == ("gdfo_random", "gdfo", "random")
+    assert (gdfo.label, gdfo.config.method, gdfo.config.harmonize.control) == ("gdfo", "gdfo", "none")
+    assert (control.label, control.config.method, control.config.harmonize.control) == ("gdfo_random", "gdfo", "random")
     assert control.config.output_dir.endswith("sst2_gdfo_random_seed42")
     with pytest.raises(ConfigError, match="methods \\['gdfo_rand'\\] are unknown"):
         _campaign(tmp_path, tiny_models, campaign_data, methods=("gdfo_rand",))
