@@ -184,6 +184,11 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
     the driver is closed, the pools' actors are shut down, and a Ray started here stops.
     """
     teacher, student, ray_started = _make_pools(config, data, limiter_actor=limiter_actor, token=token)
+    recorder = None
+    if config.model.record_answers is not None:
+        from gdfo_ray.playback import Recorder
+
+        teacher = recorder = Recorder(teacher, config.model.record_answers)
     try:
         info, space = build_space(config, teacher, student)
         state = None
@@ -198,6 +203,9 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
         finally:
             driver.close()
     finally:
+        if recorder is not None:  # what was paid for is kept, a crash included
+            recorder.save()
+            teacher = recorder.teacher
         if config.pool.backend == "ray":
             from gdfo_ray.distributed import release_ray_pools
 

@@ -25,6 +25,7 @@ MODEL_KINDS = ("auto", "causal_lm", "masked_lm", "encoder")
 BACKENDS = ("ray", "local")
 CONTROLS = ("none", "random")
 PROMPT_INITS = ("vocab", "zeros")
+GATES = ("rho", "none", "off")  # harmonize.GATES: this module imports no numerics
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DATA_DIR_ENV = "GDFO_DATA_DIR"
@@ -202,6 +203,8 @@ class ModelConfig:
             once per run, on train and dev, and reuses them in every call.
         compile: ``torch.compile`` the teacher's transformer. It pays only in long runs:
             on a 2-core CPU the first call took 131 s, and each later one 17% less.
+        record_answers: write every answer the teacher gives to this ``.npz`` file; a later run
+            with ``teacher`` set to it plays them back (:mod:`gdfo_ray.playback`).
     """
 
     teacher: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -213,6 +216,7 @@ class ModelConfig:
     max_rows_per_forward: int = 64
     kv_cache: bool = True
     compile: bool = False
+    record_answers: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("model.teacher_kind", self.teacher_kind, MODEL_KINDS)
@@ -228,6 +232,14 @@ class ModelConfig:
                 f"{self.teacher!r} is a black-box service. Either pass the teacher as a local model id or path, "
                 "or choose a student model of your own (model.student=<id or path>) or 'gp'."
             )
+        if spec.reads_teacher and self.teacher_is_recording:
+            raise ConfigError(
+                f"model.student={self.student!r} is built from the teacher's weights, but model.teacher="
+                f"{self.teacher!r} is a recording of its answers. Replay it with a student model of your own "
+                "or 'gp'."
+            )
+        if self.record_answers is not None and not self.record_answers.endswith(".npz"):
+            raise ConfigError(f"model.record_answers must name a .npz file, but got {self.record_answers!r}.")
 
     @property
     def student_spec(self) -> StudentSpec:
@@ -236,6 +248,10 @@ class ModelConfig:
     @property
     def teacher_is_service(self) -> bool:
         return is_service_url(self.teacher)
+
+    @property
+    def teacher_is_recording(self) -> bool:
+        return not self.teacher_is_service and self.teacher.endswith(".npz")
 
 
 def is_service_url(name: str) -> bool:
@@ -412,7 +428,9 @@ class HarmonizeConfig:
         gamma: how far the mean moves toward z_GD; 0 = inject only.
         control: ``random`` replaces -g by a random direction of the same step length.
         gate: ``rho`` scales the mean's move by max(rho, 0), the agreement of -g with
-            CMA-ES's own step; ``none`` always moves it by gamma.
+            CMA-ES's own step; ``none`` always moves it by gamma; ``off`` neither injects
+            nor moves (the student rides along: bbt's trajectory, with its fidelity and rho
+            measured; how ``benchmarks/fidelity.py`` replays students on recorded answers).
         n_candidates: gradient candidates in each population, along -g at step lengths
             eta x (..., 0.5, 1, 2) (a line search paid in calls: they take the place of
             CMA-ES samples, so a generation costs lambda calls still).
@@ -439,7 +457,7 @@ class HarmonizeConfig:
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"harmonize.gamma must be in [0, 1], but got {self.gamma!r}.")
         check_choice("harmonize.control", self.control, CONTROLS)
-        check_choice("harmonize.gate", self.gate, ("rho", "none"))
+        check_choice("harmonize.gate", self.gate, GATES)
         check_int("harmonize.n_candidates", self.n_candidates, 1)
         check_int("harmonize.warmup_steps", self.warmup_steps, 0)
         for name in ("mean_to_best", "keep_sigma"):
@@ -609,10 +627,11 @@ class GDFOConfig:
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         check_int("seed", self.seed, 0)
-        if self.method == "white_box" and self.model.teacher_is_service:
+        if self.method == "white_box" and (self.model.teacher_is_service or self.model.teacher_is_recording):
+            what = "black-box service" if self.model.teacher_is_service else "recording of answers"
             raise ConfigError(
                 f"method 'white_box' needs the teacher's gradients, but model.teacher={self.model.teacher!r} is a "
-                "black-box service. Either pass a local model id or path, or choose another method."
+                f"{what}. Either pass a local model id or path, or choose another method."
             )
         if self.model.student_spec.kind == "oracle" and (self.student.train_body or self.student.z_shift):
             raise ConfigError(
@@ -708,7 +727,7 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
 EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 
 # Settings added after runs were saved, with the value that reproduces what the code did before they existed.
-ADDED_SETTINGS: dict = {"student.text_cache": False, "student.gp_scale": 0.5, "student.gp_nugget": 0.01,
+ADDED_SETTINGS: dict = {"model.record_answers": None, "student.text_cache": False, "student.gp_scale": 0.5, "student.gp_nugget": 0.01,
                         "harmonize.gate": "rho", "harmonize.n_candidates": 1, "harmonize.mean_to_best": False,
                         "harmonize.warmup_steps": 0, "harmonize.keep_sigma": False}
 

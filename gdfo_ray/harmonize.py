@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-GATES = ("rho", "none")
+GATES = ("rho", "none", "off")
 
 
 class Harmonized(NamedTuple):
@@ -50,7 +50,9 @@ def harmonize(m_prev: np.ndarray, m_new: np.ndarray, sigma: float, grad: np.ndar
     """``z_GD(s) = m' - s eta sigma' sqrt(d) g/||g||`` for s in :func:`line_steps`; ``m_next = m' + w (z_GD(1) - m')``.
 
     ``w = gamma max(rho, 0)`` with ``gate="rho"`` (the mean follows the gradient only as far
-    as CMA-ES's own step agrees with it), ``w = gamma`` with ``gate="none"``.
+    as CMA-ES's own step agrees with it), ``w = gamma`` with ``gate="none"``. ``gate="off"``
+    makes no candidate and leaves the mean (``w = 0``): CMA-ES alone, with ``rho`` still
+    measured, so a run keeps bbt's exact trajectory while its student is distilled and scored.
 
     >>> h = harmonize(np.zeros(2), np.array([1.0, 0.0]), 1.0, np.array([-1.0, 0.0]), 0.5, 1.0)
     >>> h.rho, h.z_gd.round(3).tolist(), h.m_next.round(3).tolist()
@@ -64,10 +66,12 @@ def harmonize(m_prev: np.ndarray, m_new: np.ndarray, sigma: float, grad: np.ndar
         return Harmonized(m_new.copy(), m_new.copy(), 0.0, m_new[None].copy(), 0.0)
     direction = -grad / g_norm
     step = eta * sigma * np.sqrt(d)
-    candidates = np.stack([gradient_step(m_new, grad, s * step) for s in line_steps(n_candidates)])
     z_gd = gradient_step(m_new, grad, step)
     move = m_new - m_prev
     move_norm = float(np.linalg.norm(move))
     rho = float(direction @ move / move_norm) if move_norm > 0 else 0.0
+    if gate == "off":
+        return Harmonized(z_gd, m_new.copy(), rho, np.empty((0, d)), 0.0)
+    candidates = np.stack([gradient_step(m_new, grad, s * step) for s in line_steps(n_candidates)])
     weight = gamma * (max(rho, 0.0) if gate == "rho" else 1.0)
     return Harmonized(z_gd, m_new + weight * (z_gd - m_new), rho, candidates, weight)

@@ -76,7 +76,12 @@ class BaseTeacher(abc.ABC):
 
 
 def make_teacher(config: GDFOConfig, data: TaskData, token: Optional[str] = None, limiter: Any = None) -> BaseTeacher:
-    """The teacher ``config.model.teacher`` names: a service for a URL, else a local model."""
+    """The teacher ``config.model.teacher`` names: a service for a URL, a recording of answers for a
+    ``.npz`` file (:mod:`gdfo_ray.playback`), else a local model."""
+    if config.model.teacher_is_recording:
+        from gdfo_ray.playback import PlaybackTeacher
+
+        return PlaybackTeacher(config.model.teacher, n_classes=data.spec.n_classes)
     if config.model.teacher_is_service:
         from gdfo_ray.http_teacher import HttpTeacher
 

@@ -40,3 +40,11 @@ def test_ungated_update_and_a_line_of_gradient_candidates():
     assert not line.candidates[:, 1:].any()
     with pytest.raises(ValueError, match="gate"):
         harmonize(m_prev, m_new, 1.0, g, 0.5, 0.5, gate="sometimes")
+
+
+def test_the_gate_off_measures_rho_but_neither_injects_nor_moves():
+    m_prev, m_new, g = np.zeros(3), np.array([1.0, 0, 0]), np.array([-1.0, 0, 0])  # rho = +1: rho would move it
+    off = harmonize(m_prev, m_new, 1.0, g, eta=0.5, gamma=1.0, gate="off", n_candidates=3)
+    assert off.rho == pytest.approx(1.0) and off.weight == 0.0
+    assert off.candidates.shape == (0, 3)
+    np.testing.assert_array_equal(off.m_next, m_new)

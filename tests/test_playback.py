@@ -1,0 +1,65 @@
+"""Recorded answers played back: a replay repeats the recorded search exactly, and refuses to guess."""
+
+import numpy as np
+import pytest
+
+from gdfo_ray import ConfigError, GDFOConfig
+from gdfo_ray.api import run
+from gdfo_ray.exceptions import TeacherError
+
+
+@pytest.fixture
+def recorded(tiny_config, tmp_path):
+    """A bbt run against the teacher that records its answers."""
+    path = str(tmp_path / "answers.npz")
+    config = tiny_config(**{"method": "bbt", "model.record_answers": path, "output_dir": str(tmp_path / "bbt")})
+    return path, run(config, progress=None)
+
+
+def test_gdfo_with_the_gate_off_replays_bbts_search_on_the_recording_and_measures_its_student(
+        tiny_config, tmp_path, recorded):
+    path, bbt = recorded
+    replay = run(tiny_config(**{"model.teacher": path, "harmonize.gate": "off",
+                                "output_dir": str(tmp_path / "replay")}), progress=None)
+    assert [r["fitness_best"] for r in replay.history] == [r["fitness_best"] for r in bbt.history]
+    assert [r["calls"] for r in replay.history] == [r["calls"] for r in bbt.history]
+    assert np.array_equal(replay.best_z, bbt.best_z)
+    assert replay.summary["test"]["teacher_tuned"] == bbt.summary["test"]["teacher_tuned"]
+    # The student rode along: scored against the recorded answers every generation, its gradient measured.
+    assert all(np.isfinite(r["fidelity"]) and r["rho"] is not None for r in replay.history)
+    assert all(r.get("z_gd_rank") is None for r in replay.history)  # no candidate joined a population
+
+
+def test_a_run_that_leaves_the_recorded_trajectory_is_refused(tiny_config, tmp_path, recorded):
+    path, _ = recorded
+    steering = tiny_config(**{"model.teacher": path, "harmonize.gate": "none", "output_dir": str(tmp_path / "g")})
+    with pytest.raises(TeacherError, match="left the recorded trajectory"):
+        run(steering, progress=None)
+
+
+def test_a_crashed_run_keeps_what_it_recorded_and_its_resume_adds_the_rest(tiny_config, tmp_path, crash_after):
+    path = str(tmp_path / "answers.npz")
+    config = tiny_config(**{"method": "bbt", "model.record_answers": path})
+    crash_after(2)
+    with pytest.raises(crash_after.error):
+        run(config, progress=None)
+    with np.load(path) as f:
+        before = {k for k in f.files if k.startswith("train_") and k.endswith("_ids")}
+    assert len(before) == 2 * config.popsize  # two generations of candidates
+    crash_after(None)
+    whole = run(config, resume=True, progress=None)
+    replay = run(tiny_config(**{"method": "bbt", "model.teacher": path, "output_dir": str(tmp_path / "r")}),
+                 progress=None)
+    assert [r["fitness_best"] for r in replay.history] == [r["fitness_best"] for r in whole.history]
+
+
+def test_a_recording_is_refused_where_the_teachers_weights_are_needed(tiny_config, tmp_path, recorded):
+    path, _ = recorded
+    with pytest.raises(ConfigError, match="white_box.*recording of answers"):
+        tiny_config(**{"method": "white_box", "model.teacher": path})
+    with pytest.raises(ConfigError, match="teacher's weights.*recording"):
+        tiny_config(**{"model.teacher": path, "model.student": "sibling:1"})
+    with pytest.raises(ConfigError, match="model.record_answers must name a .npz file"):
+        GDFOConfig.from_dict({"model": {"record_answers": "answers.json"}})
+    with pytest.raises(TeacherError, match="no such file"):
+        run(tiny_config(**{"model.teacher": str(tmp_path / "missing.npz")}), progress=None)
