@@ -63,3 +63,32 @@ def test_a_recording_is_refused_where_the_teachers_weights_are_needed(tiny_confi
         GDFOConfig.from_dict({"model": {"record_answers": "answers.json"}})
     with pytest.raises(TeacherError, match="no such file"):
         run(tiny_config(**{"model.teacher": str(tmp_path / "missing.npz")}), progress=None)
+
+
+def test_the_fidelity_benchmark_records_once_and_replays_each_student(tiny_models, tiny_data_dir, tmp_path,
+                                                                      capsys, monkeypatch):
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "fidelity.py"
+    spec = importlib.util.spec_from_file_location("fidelity_benchmark", script)
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    settings = [f"model.teacher={tiny_models['causal']}", f"model.student={tiny_models['encoder']}",
+                "model.dtype=float32", f"task.data_dir={tiny_data_dir}", "prompt.intrinsic_dim=8",
+                "prompt.n_prompt_tokens=2", "search.popsize=4", "student.k_steps=1", "student.batch_rows=8",
+                "pool.backend=local", "pool.torch_threads=1"]
+    argv = ["--tasks", "sst2", "--seeds", "42", "--calls", "16", "--cache", str(tmp_path), "--skip-first", "0",
+            "--variant", "default", "--variant", "gp=model.student=gp", "--set", ",".join(settings)]
+    assert fidelity.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sst2 |")]
+    assert [row.split(" | ")[2] for row in rows] == ["default", "gp"]
+    assert all("–" not in row for row in rows)  # every replay measured its student
+    # A second invocation replays the recording: the teacher is never built again.
+    import gdfo_ray.local_teacher as local_teacher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was asked again")
+
+    monkeypatch.setattr(local_teacher.LocalTeacher, "__init__", refuse)
+    assert fidelity.main(argv[:-4] + ["--set", ",".join(settings)]) == 0
