@@ -165,3 +165,12 @@ def tiny_service(tiny_models):
                                      dtype="float32", max_inputs=16, max_text_chars=200, max_prompt_tokens=8,
                                      max_body_mb=0.05)) as handle:
         yield handle
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray per module (a module with a multi-node cluster starts its own)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -91,7 +91,6 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_the_old_behaviour(tin
     run(kd, resume=True, progress=None)
 
 
-
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap_distill"])
 def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_config, tmp_path, crash_after, overlap):
     # With overlap, the checkpoint holds the student before its last, still running, distillation and replays it.
@@ -139,19 +138,3 @@ def test_an_lm_student_reads_the_verbalizer(tiny_config, tiny_models):
     config = tiny_config(**{"model.student": tiny_models["masked"], "search.budget_calls": 8})
     result = run(config, progress=None)
     assert 0.0 <= result.summary["test"]["student"] <= 1.0
-
-
-def test_lq_cma_spends_fewer_calls_a_generation_and_resumes_after_a_crash(tiny_config, tmp_path, crash_after):
-    full = run(tiny_config(method="lq_cma", output_dir=str(tmp_path / "full")), progress=None)
-    calls = [r["calls"] for r in full.history]
-    spent = np.diff([0] + calls)
-    assert all(1 <= c <= 4 for c in spent) and min(spent) < 4  # the surrogate spared some candidates a call
-    assert [r["evaluated"] for r in full.history] == spent.tolist()
-    crash_after(2)
-    config = tiny_config(method="lq_cma", output_dir=str(tmp_path / "cut"))
-    with pytest.raises(crash_after.error):
-        run(config, progress=None)
-    crash_after(None)
-    resumed = run(config, resume=True, progress=None)  # the surrogate's model travels in the checkpoint
-    assert [r["calls"] for r in resumed.history] == calls
-    np.testing.assert_allclose(resumed.best_z, full.best_z)

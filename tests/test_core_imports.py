@@ -1,24 +1,27 @@
-"""The core that needs neither torch nor Ray."""
+"""The core that needs neither torch nor Ray, and Ray kept at the edge."""
+
+import subprocess
+import sys
+
+
+def _imports_without(blocked: list, modules: str) -> subprocess.CompletedProcess:
+    """Import ``modules`` in a fresh interpreter where importing any of ``blocked`` fails."""
+    code = "import sys; " + "".join(f"sys.modules[{b!r}] = None; " for b in blocked) + f"import {modules}"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def test_the_driver_and_the_methods_need_neither_torch_nor_ray():
-    import subprocess
-    import sys
-
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['ray'] = None; "
-            "import gdfo_ray.driver, gdfo_ray.methods, gdfo_ray.harmonize, gdfo_ray.replay, gdfo_ray.metrics")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = _imports_without(["torch", "ray"], "gdfo_ray.driver, gdfo_ray.methods, gdfo_ray.harmonize, "
+                                              "gdfo_ray.replay, gdfo_ray.metrics, gdfo_ray.playback")
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_the_ray_layer_and_a_service_teachers_actor_need_no_torch():
-    import subprocess
-    import sys
-
-    code = ("import sys; sys.modules['torch'] = None; "
-            "import gdfo_ray.distributed, gdfo_ray.teacher, gdfo_ray.http_teacher, gdfo_ray.student_group")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = _imports_without(["torch"], "gdfo_ray.distributed, gdfo_ray.teacher, gdfo_ray.http_teacher, "
+                                       "gdfo_ray.student_group")
     assert done.returncode == 0, done.stderr[-2000:]
+    refused = _imports_without(["torch"], "gdfo_ray.student")  # the check itself can fail
+    assert refused.returncode != 0 and "torch" in refused.stderr
 
 
 def test_ray_is_imported_only_by_the_distributed_package_and_tune():

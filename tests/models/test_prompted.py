@@ -1,40 +1,16 @@
+"""The prompted LM (gdfo_ray/models/prompted.py): prompts in, C scores out, equal to the plain model's."""
+
 import numpy as np
 import pytest
 import torch
 
-from gdfo_ray import ConfigError
-from gdfo_ray.models import build_prompted_lm, detect_kind, load_lm, verbalizer_token_ids
+from gdfo_ray.models import build_prompted_lm
 from gdfo_ray.tasks import PRESETS, Split
 
 
 def _split():
     return Split(["the movie was good", "it was very bad", "the plot was fun and the acting was great"], None,
                  np.array([1, 0, 1]))
-
-
-@pytest.mark.parametrize("which, kind", [("causal", "causal_lm"), ("masked", "masked_lm"), ("encoder", "encoder")])
-def test_kind_detection(tiny_models, which, kind):
-    _, model, detected = load_lm(tiny_models[which], need_lm_head=False)
-    assert detected == kind == detect_kind(model.config)
-
-
-def test_encoder_cannot_be_a_teacher(tiny_models):
-    with pytest.raises(ConfigError, match="encoder without an LM head"):
-        load_lm(tiny_models["encoder"], need_lm_head=True)
-
-
-def test_multi_token_verbalizer_is_refused(tiny_models):
-    tokenizer, _, _ = load_lm(tiny_models["causal"])
-    with pytest.raises(ConfigError, match="'superb' is not a single token"):
-        verbalizer_token_ids(tokenizer, ["bad", "superb"], "tiny")
-
-
-def test_missing_model_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from gdfo_ray import ModelNotFoundError
-
-    with pytest.raises(ModelNotFoundError, match="not a local path"):
-        load_lm("nobody/no-such-model-here")
 
 
 def _lm(path, readout="verbalizer", max_rows=256):
@@ -134,17 +110,6 @@ def test_bfloat16_weights_stay_within_the_stated_tolerance(tiny_models):
     torch.testing.assert_close(b, a, rtol=0, atol=0.05)
 
 
-def test_auto_dtype_takes_bfloat16_only_where_the_processor_computes_it(monkeypatch):
-    import gdfo_ray.models.devices as models
-
-    cpu = torch.device("cpu")
-    assert models.resolve_dtype("float16", cpu) == "float16"
-    monkeypatch.setattr(models, "cpu_has_fast_bfloat16", lambda: True)
-    assert models.resolve_dtype("auto", cpu) == "bfloat16"
-    monkeypatch.setattr(models, "cpu_has_fast_bfloat16", lambda: False)
-    assert models.resolve_dtype("auto", cpu) == "float32"
-
-
 def test_bfloat16_student_arithmetic_stays_within_the_stated_tolerance(tiny_config):
     from gdfo_ray.student import StudentTrainer
     from gdfo_ray.tasks import load_task
@@ -226,17 +191,3 @@ def test_a_student_with_a_trained_body_caches_no_text_states(tiny_config, tiny_m
     trainer = StudentTrainer(config, data)
     trainer.predict(np.zeros(config.prompt.intrinsic_dim), "train", np.arange(len(data.train)))
     assert not trainer.model.lm.cached_splits and not trainer.model.lm._prefix_kv
-
-
-def test_host_tensor_copies_read_only_and_reversed_arrays():
-    """Ray's object store gives read-only arrays; a reversed view has negative strides."""
-    import torch
-
-    from gdfo_ray.models import host_tensor
-
-    a = np.arange(6.0)
-    a.setflags(write=False)
-    t = host_tensor(a[::-1], torch.device("cpu"))
-    assert t.tolist() == [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
-    t[0] = -1.0
-    assert a[-1] == 5.0
