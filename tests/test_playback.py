@@ -92,3 +92,21 @@ def test_the_fidelity_benchmark_records_once_and_replays_each_student(tiny_model
 
     monkeypatch.setattr(local_teacher.LocalTeacher, "__init__", refuse)
     assert fidelity.main(argv[:-4] + ["--set", ",".join(settings)]) == 0
+
+
+def test_the_student_step_benchmark_times_k_steps_on_the_recorded_answers(tiny_models, tiny_data_dir, tmp_path,
+                                                                          capsys, monkeypatch):
+    import pathlib
+
+    benchmarks = pathlib.Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    import student_step
+
+    settings = [f"model.teacher={tiny_models['causal']}", f"model.student={tiny_models['encoder']}",
+                "model.dtype=float32", f"task.data_dir={tiny_data_dir}", "prompt.intrinsic_dim=8",
+                "prompt.n_prompt_tokens=2", "search.popsize=4", "student.k_steps=3", "student.batch_rows=8",
+                "pool.backend=local", "pool.torch_threads=1"]
+    argv = ["--task", "sst2", "--calls", "8", "--cache", str(tmp_path), "--repeats", "1"]
+    assert student_step.main(argv + [arg for s in settings for arg in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert "3 steps x 8 rows" in out and "float32  training:" in out and "matrix products:" in out
