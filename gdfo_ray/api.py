@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from gdfo_ray.config import EVALUATION_ONLY_KEYS, GDFOConfig, flatten_config, flatten_saved_config
+from gdfo_ray.config import GDFOConfig, setting_differences
 from gdfo_ray.driver import Driver
 from gdfo_ray.exceptions import ResumeError
 from gdfo_ray.losses import metric
@@ -83,13 +83,7 @@ def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool)
         return None
     with open(ckpt_path, "rb") as f:
         checkpoint = pickle.load(f)
-    saved = checkpoint["config"]
-    current = config.to_dict()
-    flat_saved, flat_now = flatten_saved_config(saved), flatten_config(current)
-    # Settings that cannot change what the run computes: where it runs, test-row caps, and a student it never builds.
-    free = ("pool.", "service.") + (() if config.uses_student else ("student.",))
-    differs = sorted(k for k in flat_now if flat_saved.get(k) != flat_now.get(k)
-                     and k not in ("output_dir", *EVALUATION_ONLY_KEYS) and not k.startswith(free))
+    differs = setting_differences(checkpoint["config"], config)
     if differs:
         raise ResumeError(
             f"Cannot resume {out}: the config differs from the saved run in {differs}. Either resume with "

@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gdfo_ray.config import (DATA_DIR_ENV, RUN_LABELS, GDFOConfig, apply_overrides, deep_merge, flatten_config,
-                             flatten_saved_config, label_settings)
+from gdfo_ray.config import (DATA_DIR_ENV, RUN_LABELS, GDFOConfig, apply_overrides, deep_merge, label_settings,
+                             setting_differences)
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 SPLIT_SEED_MODES = ("match", "auto")
@@ -184,26 +184,14 @@ def _check_finished_config(results_dir: str, cell: Cell) -> None:
 
 
 def _saved_differences(path: str, cell: Cell) -> list:
-    """The settings in which the finished cell at ``path`` differs from ``cell``, besides those that cannot
-    change its result: where it ran, and the student and the harmonized update of a method that uses neither."""
+    """The settings that can change its result in which the finished cell at ``path`` differs from ``cell``
+    (:func:`~gdfo_ray.config.setting_differences`)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     saved = json.loads(table.column("config_json")[0].as_py())
-    current = json.loads(json.dumps(cell.config.to_dict()))
-    # Where the run and its data were (a machine's paths) cannot change what it computed.
-    ignore = ("pool.", "service.", "output_dir", "task.data_dir")
-    if not cell.config.uses_student:
-        ignore += ("student.", "model.student", "harmonize.")
-    # A key the saved config lacks came with a later version of gdfo-ray: ADDED_SETTINGS says the value that
-    # reproduces the old run where the new default does not; otherwise the default does.
-    flat_saved, flat_now = flatten_saved_config(saved), flatten_config(current)
-    differs = sorted(k for k in flat_saved if flat_saved[k] != flat_now.get(k) and not k.startswith(ignore))
     labels = table.column("test_label")[0].as_py() if "test_label" in table.column_names else None
-    if labels is not None and _cap_never_reached(len(labels), flat_saved.get("task.max_test_examples"),
-                                                 flat_now.get("task.max_test_examples")):
-        differs = [k for k in differs if k != "task.max_test_examples"]
-    return differs
+    return setting_differences(saved, cell.config, finished=True, scored_rows=None if labels is None else len(labels))
 
 
 def reuse_cells(campaign: CampaignConfig, source_dir: str, say: Callable[[str], None] = print) -> list[str]:
@@ -231,11 +219,6 @@ def reuse_cells(campaign: CampaignConfig, source_dir: str, say: Callable[[str], 
             os.replace(target + ".tmp", target)
         reused.append(cell.name)
     return reused
-
-
-def _cap_never_reached(n_scored: int, saved_cap: Optional[int], cap_now: Optional[int]) -> bool:
-    """Whether a test set of ``n_scored`` rows, scored in full before, would be scored in full again."""
-    return (saved_cap is None or n_scored < saved_cap) and (cap_now is None or n_scored <= cap_now)
 
 
 def data_root(campaign: CampaignConfig) -> Optional[str]:

@@ -737,6 +737,37 @@ def flatten_saved_config(saved: Mapping[str, Any]) -> dict:
     return {**ADDED_SETTINGS, **flatten_config(saved)}
 
 
+# Settings that cannot change what a run computes: where it ran and read its data, and a recording of its answers.
+LOCATION_KEYS = ("pool.", "service.", "output_dir", "task.data_dir", "model.record_answers")
+
+
+def setting_differences(saved: Mapping[str, Any], current: "GDFOConfig", finished: bool = False,
+                        scored_rows: Optional[int] = None) -> list:
+    """The settings in which a saved run differs from ``current`` in a way that can change its result.
+
+    The one rule of resuming a run (``--resume``) and of counting a finished run as done
+    (a campaign's cells, ``--reuse``). Left out: :data:`LOCATION_KEYS`; the student and the
+    update when the method uses neither; a key the saved config lacks is read as
+    :data:`ADDED_SETTINGS` says. The test-row cap (:data:`EVALUATION_ONLY_KEYS`) is free while
+    the run has not scored its test set; once it has (``finished``), only if the cap never cut
+    its ``scored_rows`` rows, before or now (unknown: it matters).
+    """
+    free = LOCATION_KEYS + (() if current.uses_student else ("student.", "model.student", "harmonize."))
+    flat_saved, flat_now = flatten_saved_config(saved), flatten_config(current.to_dict())
+    differs = sorted(k for k in set(flat_saved) | set(flat_now)
+                     if flat_saved.get(k) != flat_now.get(k) and not k.startswith(free))
+    cap = "task.max_test_examples"
+    if not finished or (scored_rows is not None
+                        and _cap_never_reached(scored_rows, flat_saved.get(cap), flat_now.get(cap))):
+        differs = [k for k in differs if k not in EVALUATION_ONLY_KEYS]
+    return differs
+
+
+def _cap_never_reached(n_scored: int, saved_cap: Optional[int], cap_now: Optional[int]) -> bool:
+    """Whether a test set of ``n_scored`` rows, scored in full before, would be scored in full again."""
+    return (saved_cap is None or n_scored < saved_cap) and (cap_now is None or n_scored <= cap_now)
+
+
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict:
     """A nested config dict as ``{dotted.key: value}`` (the free-form mappings stay values)."""
     out = {}

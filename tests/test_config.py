@@ -73,3 +73,24 @@ def test_a_run_label_stands_for_its_method_and_control(method, control):
     assert config.harmonize.control == (control if method == "gdfo" else "none")
     assert config.label == label
     assert label in RUN_LABELS
+
+
+def test_one_rule_says_which_differences_from_a_saved_run_matter():
+    from gdfo_ray.config import setting_differences
+
+    gdfo = GDFOConfig(method="gdfo")
+    saved = gdfo.with_overrides({"pool.backend": "local", "task.data_dir": "/elsewhere", "output_dir": "x",
+                                 "model.record_answers": "a.npz", "student.lr": 0.5, "seed": 7,
+                                 "task.max_test_examples": 100}).to_dict()
+    # Where it ran never matters; the student does for gdfo; the test cap only once the test set was scored.
+    assert setting_differences(saved, gdfo) == ["seed", "student.lr"]
+    assert setting_differences(saved, gdfo, finished=True, scored_rows=50) == ["seed", "student.lr"]
+    assert setting_differences(saved, gdfo, finished=True, scored_rows=100) == [
+        "seed", "student.lr", "task.max_test_examples"]  # the cap cut its test set
+    assert "task.max_test_examples" in setting_differences(saved, gdfo, finished=True)  # unknown rows: it matters
+    bbt = GDFOConfig(method="bbt", seed=7)
+    saved_bbt = bbt.with_overrides({"student.lr": 0.5, "model.student": "gp", "harmonize.gate": "none"}).to_dict()
+    assert setting_differences(saved_bbt, bbt) == []  # bbt uses neither student nor update
+    old = {k: v for k, v in bbt.to_dict().items()}
+    old["student"] = {k: v for k, v in old["student"].items() if k != "text_cache"}  # saved before it existed
+    assert setting_differences(old, bbt.with_overrides({"method": "gdfo"})) == ["method", "student.text_cache"]
