@@ -40,14 +40,21 @@ def _cell(scores: list) -> str:
     return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else f"{a.mean():.2f}"
 
 
-def score_table(rows: list[dict], value: str = "test_score") -> str:
-    """Markdown: methods x tasks, mean ± std over seeds (in percent) and the average column."""
+def _by_cell(rows: list[dict]) -> tuple[list, list, dict]:
+    """Tasks and methods in report order, and each (method, task)'s rows."""
     tasks = _ordered({r["task"] for r in rows}, TASK_ORDER)
     methods = _ordered({r["method"] for r in rows}, METHOD_ORDER)
     by = defaultdict(list)
     for r in rows:
-        if r.get(value) is not None:
-            by[(r["method"], r["task"])].append(float(r[value]))
+        by[(r["method"], r["task"])].append(r)
+    return tasks, methods, by
+
+
+def score_table(rows: list[dict], value: str = "test_score") -> str:
+    """Markdown: methods x tasks, mean ± std over seeds (in percent) and the average column."""
+    tasks, methods, cells_rows = _by_cell(rows)
+    by = {key: [float(r[value]) for r in rs if r.get(value) is not None] for key, rs in cells_rows.items()}
+    by = defaultdict(list, by)
     seeds = {t: max((len(by[(m, t)]) for m in methods), default=0) for t in tasks}
     header = "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " | Avg. |"
     lines = [header, "|" + "---|" * (len(tasks) + 2)]
@@ -68,11 +75,7 @@ def score_table(rows: list[dict], value: str = "test_score") -> str:
 
 def _grid(rows: list[dict], cell: Callable[[list[dict]], str]) -> str:
     """Markdown: one row per method, one column per task, ``cell(rows of that method and task)`` in each."""
-    tasks = _ordered({r["task"] for r in rows}, TASK_ORDER)
-    methods = _ordered({r["method"] for r in rows}, METHOD_ORDER)
-    by = defaultdict(list)
-    for r in rows:
-        by[(r["method"], r["task"])].append(r)
+    tasks, methods, by = _by_cell(rows)
     lines = ["| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
     for m in methods:
         cells = [cell(by[(m, t)]) if by.get((m, t)) else "–" for t in tasks]
