@@ -1,11 +1,23 @@
 """Recorded answers played back: a replay repeats the recorded search exactly, and refuses to guess."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
 from gdfo_ray import ConfigError, GDFOConfig
 from gdfo_ray.api import run
 from gdfo_ray.exceptions import TeacherError
+
+BENCHMARKS = str(pathlib.Path(__file__).parents[1] / "benchmarks")
+
+
+def _tiny_settings(tiny_models, data_dir, k_steps: int) -> list:
+    """``--set`` values that run the benchmark scripts on the tiny models in seconds."""
+    return [f"model.teacher={tiny_models['causal']}", f"model.student={tiny_models['encoder']}",
+            "model.dtype=float32", f"task.data_dir={data_dir}", "prompt.intrinsic_dim=8", "prompt.n_prompt_tokens=2",
+            "search.popsize=4", f"student.k_steps={k_steps}", "student.batch_rows=8", "pool.backend=local",
+            "pool.torch_threads=1"]
 
 
 @pytest.fixture
@@ -67,17 +79,10 @@ def test_a_recording_is_refused_where_the_teachers_weights_are_needed(tiny_confi
 
 def test_the_fidelity_benchmark_records_once_and_replays_each_student(tiny_models, tiny_data_dir, tmp_path,
                                                                       capsys, monkeypatch):
-    import importlib.util
-    import pathlib
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import fidelity
 
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "fidelity.py"
-    spec = importlib.util.spec_from_file_location("fidelity_benchmark", script)
-    fidelity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fidelity)
-    settings = [f"model.teacher={tiny_models['causal']}", f"model.student={tiny_models['encoder']}",
-                "model.dtype=float32", f"task.data_dir={tiny_data_dir}", "prompt.intrinsic_dim=8",
-                "prompt.n_prompt_tokens=2", "search.popsize=4", "student.k_steps=1", "student.batch_rows=8",
-                "pool.backend=local", "pool.torch_threads=1"]
+    settings = _tiny_settings(tiny_models, tiny_data_dir, k_steps=1)
     argv = ["--tasks", "sst2", "--seeds", "42", "--calls", "16", "--cache", str(tmp_path), "--skip-first", "0",
             "--variant", "default", "--variant", "gp=model.student=gp", "--set", ",".join(settings)]
     assert fidelity.main(argv) == 0
@@ -96,16 +101,10 @@ def test_the_fidelity_benchmark_records_once_and_replays_each_student(tiny_model
 
 def test_the_student_step_benchmark_times_k_steps_on_the_recorded_answers(tiny_models, tiny_data_dir, tmp_path,
                                                                           capsys, monkeypatch):
-    import pathlib
-
-    benchmarks = pathlib.Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
+    monkeypatch.syspath_prepend(BENCHMARKS)
     import student_step
 
-    settings = [f"model.teacher={tiny_models['causal']}", f"model.student={tiny_models['encoder']}",
-                "model.dtype=float32", f"task.data_dir={tiny_data_dir}", "prompt.intrinsic_dim=8",
-                "prompt.n_prompt_tokens=2", "search.popsize=4", "student.k_steps=3", "student.batch_rows=8",
-                "pool.backend=local", "pool.torch_threads=1"]
+    settings = _tiny_settings(tiny_models, tiny_data_dir, k_steps=3)
     argv = ["--task", "sst2", "--calls", "8", "--cache", str(tmp_path), "--repeats", "1"]
     assert student_step.main(argv + [arg for s in settings for arg in ("--set", s)]) == 0
     out = capsys.readouterr().out
