@@ -32,7 +32,7 @@ from gdfo_ray.serve import ServeConfig, start_in_thread
 
 pytestmark = [pytest.mark.ray, pytest.mark.ray_jobs]
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: run.py and the package
 SERVE_TOKEN = "jobs-serve-" + secrets.token_hex(12)
 RAY_TOKEN = secrets.token_hex(16)
 
