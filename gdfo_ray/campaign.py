@@ -316,7 +316,7 @@ def record(results_dir: str, cell: Cell, out: dict, root: Optional[str] = None) 
     """
     import pyarrow as pa
 
-    keys = ("generation", "calls", "dev_calls", "dev_score", "fitness_best", "step_s")
+    keys = ("generation", "calls", "dev_calls", "dev_score", "fitness_best", "step_s", "rho", "z_gd_rank", "fidelity")
     curve = {k: [None if r.get(k) is None else float(r[k]) for r in out["history"]] for k in keys}
     curve["seed"] = [cell.seed] * len(out["history"])
     _write_parquet(cell_path(results_dir, "curves", cell),

@@ -244,6 +244,26 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
         ladder_rows([campaign.results_dir])
 
 
+def test_a_gdfo_cells_curve_keeps_rho_and_its_candidates_rank_for_the_rank_benchmark(
+        local_ray, tiny_models, campaign_data, tmp_path, capsys, monkeypatch):
+    import pathlib
+
+    base = {**_campaign(tmp_path, tiny_models, campaign_data).base}
+    base["model"] = {**base["model"], "student": "oracle"}
+    campaign = _campaign(tmp_path / "c", tiny_models, campaign_data, tasks=("sst2",), methods=("gdfo",),
+                         seeds=(42,), base=base)
+    assert not run_campaign(campaign, say=lambda _: None).failed
+    curve = read_results(campaign.results_dir, "curves")
+    assert all(r["rho"] is not None for r in curve)
+    assert curve[0]["z_gd_rank"] is None and all(1 <= r["z_gd_rank"] <= 4 for r in curve[1:])  # popsize 4
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    import candidate_ranks
+
+    assert candidate_ranks.main([campaign.results_dir]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sst2 | gdfo | 42 |")]
+    assert len(table) == 1 and f"| {len(curve) - 1} |" in table[0]
+
+
 def test_a_campaigns_outputs_hold_no_path_of_the_machine_that_ran_it(finished, campaign_data, tmp_path):
     import yaml
 
