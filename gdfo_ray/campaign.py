@@ -378,7 +378,8 @@ class CampaignResult:
 
 def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -> CampaignResult:
     """Run every unfinished cell as a Ray task; returns what finished, was skipped and failed."""
-    from gdfo_ray.distributed.tasks import as_completed, ray_session
+    from gdfo_ray.distributed import ray_session
+    from gdfo_ray.distributed.tasks import as_completed
 
     # Seed-major order: a campaign stopped early still has whole seeds of every task and method.
     cells = sorted(plan(campaign), key=lambda c: (campaign.seeds.index(c.seed), campaign.tasks.index(c.task),

@@ -25,10 +25,11 @@ MODEL_KINDS = ("auto", "causal_lm", "masked_lm", "encoder")
 BACKENDS = ("ray", "local")
 CONTROLS = ("none", "random")
 PROMPT_INITS = ("vocab", "zeros")
-GATES = ("rho", "none", "off")  # harmonize.GATES: this module imports no numerics
+GATES = ("rho", "none", "off")  # harmonize.harmonize's gates
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DATA_DIR_ENV = "GDFO_DATA_DIR"
+RECORDING_SUFFIX = ".npz"  # a file of recorded teacher answers (gdfo_ray.playback)
 
 
 def run_label(method: str, control: str = "none") -> str:
@@ -238,8 +239,9 @@ class ModelConfig:
                 f"{self.teacher!r} is a recording of its answers. Replay it with a student model of your own "
                 "or 'gp'."
             )
-        if self.record_answers is not None and not self.record_answers.endswith(".npz"):
-            raise ConfigError(f"model.record_answers must name a .npz file, but got {self.record_answers!r}.")
+        if self.record_answers is not None and not self.record_answers.endswith(RECORDING_SUFFIX):
+            raise ConfigError(f"model.record_answers must name a {RECORDING_SUFFIX} file, "
+                              f"but got {self.record_answers!r}.")
 
     @property
     def student_spec(self) -> StudentSpec:
@@ -251,7 +253,7 @@ class ModelConfig:
 
     @property
     def teacher_is_recording(self) -> bool:
-        return not self.teacher_is_service and self.teacher.endswith(".npz")
+        return not self.teacher_is_service and self.teacher.endswith(RECORDING_SUFFIX)
 
 
 def is_service_url(name: str) -> bool:
@@ -727,7 +729,8 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
 EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 
 # Settings added after runs were saved, with the value that reproduces what the code did before they existed.
-ADDED_SETTINGS: dict = {"model.record_answers": None, "student.text_cache": False, "student.gp_scale": 0.5, "student.gp_nugget": 0.01,
+ADDED_SETTINGS: dict = {"model.record_answers": None, "student.text_cache": False, "student.gp_scale": 0.5,
+                        "student.gp_nugget": 0.01,
                         "harmonize.gate": "rho", "harmonize.n_candidates": 1, "harmonize.mean_to_best": False,
                         "harmonize.warmup_steps": 0, "harmonize.keep_sigma": False}
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-GATES = ("rho", "none", "off")
+from gdfo_ray.config import GATES
 
 
 class Harmonized(NamedTuple):

@@ -21,11 +21,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from gdfo_ray.config import RECORDING_SUFFIX
 from gdfo_ray.exceptions import TeacherError
 from gdfo_ray.teacher import BaseTeacher, TeacherInfo
-
-SUFFIX = ".npz"  # config.ModelConfig.teacher_is_recording
-
 
 def _digest(array: np.ndarray) -> str:
     array = np.ascontiguousarray(array)
@@ -63,15 +61,13 @@ class Recorder:
         ids = np.asarray(example_ids, dtype=np.int64)
         for prompt, answer in zip(np.asarray(prompts), logits):
             key = f"{split}_{_digest(prompt)}"
-            if key + "_ids" in self._arrays:  # the same prompt asked again (a dev score): keep every row seen
-                known = dict(zip(self._arrays[key + "_ids"].tolist(), self._arrays[key + "_logits"]))
-                known.update(zip(ids.tolist(), answer))
-                order = sorted(known)
-                self._arrays[key + "_ids"] = np.asarray(order, dtype=np.int64)
-                self._arrays[key + "_logits"] = np.stack([known[i] for i in order])
-            else:  # kept sorted by example id, for the lookup
-                order = np.argsort(ids, kind="stable")
-                self._arrays[key + "_ids"], self._arrays[key + "_logits"] = ids[order], answer[order]
+            # A prompt asked again (a dev score) keeps every row seen; rows are kept sorted by id, for the lookup.
+            known = dict(zip(self._arrays.get(key + "_ids", np.empty(0, np.int64)).tolist(),
+                             self._arrays.get(key + "_logits", ())))
+            known.update(zip(ids.tolist(), answer))
+            order = sorted(known)
+            self._arrays[key + "_ids"] = np.asarray(order, dtype=np.int64)
+            self._arrays[key + "_logits"] = np.stack([known[i] for i in order])
         return logits
 
     def __getattr__(self, name: str) -> Any:  # loss_and_grad, stats, ...: the wrapped teacher's
@@ -96,8 +92,8 @@ class PlaybackTeacher(BaseTeacher):
 
     def __init__(self, path: str, n_classes: Optional[int] = None):
         if not os.path.isfile(path):
-            raise TeacherError(f"model.teacher={path!r} names a recording of answers ({SUFFIX}), but there is no "
-                               "such file. Record one with model.record_answers=PATH on a run against the teacher.")
+            raise TeacherError(f"model.teacher={path!r} names a recording of answers ({RECORDING_SUFFIX}), but there "
+                               "is no such file. Record one with model.record_answers=PATH on a run against the teacher.")
         self.path = path
         with np.load(path) as f:
             self._arrays = {k: f[k] for k in f.files}

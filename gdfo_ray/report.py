@@ -53,8 +53,8 @@ def _by_cell(rows: list[dict]) -> tuple[list, list, dict]:
 def score_table(rows: list[dict], value: str = "test_score") -> str:
     """Markdown: methods x tasks, mean ± std over seeds (in percent) and the average column."""
     tasks, methods, cells_rows = _by_cell(rows)
-    by = {key: [float(r[value]) for r in rs if r.get(value) is not None] for key, rs in cells_rows.items()}
-    by = defaultdict(list, by)
+    by = defaultdict(list, {key: [float(r[value]) for r in rs if r.get(value) is not None]
+                            for key, rs in cells_rows.items()})
     seeds = {t: max((len(by[(m, t)]) for m in methods), default=0) for t in tasks}
     header = "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " | Avg. |"
     lines = [header, "|" + "---|" * (len(tasks) + 2)]

@@ -267,7 +267,7 @@ def tune_run(settings: TuneSettings, resume: bool = False, say: Callable[[str], 
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from gdfo_ray.distributed.tasks import ray_session
+    from gdfo_ray.distributed import ray_session
 
     with ray_session(settings.config.pool.ray_address):
         _check_fits(settings)

@@ -12,7 +12,7 @@ dispatch); a restarted student worker gets the weights and optimizer state of
 the last completed step before it does anything else. Actors are built from small
 constructor arguments and given the task data afterwards, so a restart cannot lose them.
 
-- :mod:`~gdfo_ray.distributed.cluster`: joining or starting Ray, the one fit check.
+- :mod:`~gdfo_ray.distributed.cluster`: joining or starting Ray, the one fit check, releasing actors.
 - :mod:`~gdfo_ray.distributed.teachers`, :mod:`~gdfo_ray.distributed.students`: the actor pools.
 - :mod:`~gdfo_ray.distributed.limits`: the shared rate limiter and Tune's shared budget.
 - :mod:`~gdfo_ray.distributed.tasks`: functions run as Ray tasks (a campaign's cells).
@@ -23,8 +23,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from gdfo_ray.config import GDFOConfig
-from gdfo_ray.distributed.cluster import (NAMESPACE, actor_bundles, check_pool_fits, init_ray, release_ray_pools,
-                                          shortfall, student_gpus)
+from gdfo_ray.distributed.cluster import (NAMESPACE, actor_bundles, check_pool_fits, init_ray, ray_session,
+                                          release_ray_pools, shortfall, student_gpus)
 from gdfo_ray.distributed.limits import (LimiterActor, SharedBudget, SharedLimiter, budget_gate, make_limiter,
                                          make_shared_budget)
 from gdfo_ray.distributed.students import RayStudentGroup, StudentRestarted, StudentWorker, make_ray_student_group
@@ -47,7 +47,7 @@ def make_ray_pools(config: GDFOConfig, data: TaskData, limiter_actor: Any = None
 
 __all__ = [
     "NAMESPACE", "LimiterActor", "RayStudentGroup", "RayTeacherPool", "SharedBudget", "SharedLimiter",
-    "StudentRestarted", "StudentWorker", "TeacherActor", "actor_bundles", "budget_gate", "check_pool_fits", "init_ray", "make_limiter",
-    "make_ray_pools", "make_shared_budget", "release_ray_pools", "make_ray_student_group", "make_ray_teacher_pool", "shortfall",
-    "student_gpus",
+    "StudentRestarted", "StudentWorker", "TeacherActor", "actor_bundles", "budget_gate", "check_pool_fits",
+    "init_ray", "make_limiter", "make_ray_pools", "make_ray_student_group", "make_ray_teacher_pool",
+    "make_shared_budget", "ray_session", "release_ray_pools", "shortfall", "student_gpus",
 ]

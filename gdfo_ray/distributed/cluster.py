@@ -1,10 +1,12 @@
-"""Joining or starting Ray, and whether the cluster can hold a run's actors."""
+"""Joining or starting Ray (for a run, or a block: :func:`ray_session`), and whether the cluster can hold a run's actors."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import time
+from typing import Iterator, Optional
 
 import ray
 
@@ -29,6 +31,17 @@ def init_ray(pool: PoolConfig) -> bool:
     else:
         ray.init(address=address, namespace=NAMESPACE)
     return True
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str]) -> Iterator[bool]:
+    """Ray joined at ``address`` (see :func:`init_ray`) for the block; stopped after it if started here."""
+    started = init_ray(PoolConfig(ray_address=address))
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def actor_bundles(config: GDFOConfig) -> list[dict]:

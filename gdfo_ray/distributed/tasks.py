@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Hashable, Iterator, Optional
 
 import ray
-
-from gdfo_ray.config import PoolConfig
-from gdfo_ray.distributed.cluster import init_ray
-
-
-@contextlib.contextmanager
-def ray_session(address: Optional[str]) -> Iterator[bool]:
-    """Ray joined at ``address`` (see :func:`init_ray`) for the block; stopped after it if started here."""
-    started = init_ray(PoolConfig(ray_address=address))
-    try:
-        yield started
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def as_completed(fn: Callable, calls: dict[Hashable, tuple], *, num_cpus: float, num_gpus: float,
