@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 21, step 4: the ladder of students. One campaign per student (siblings of 4, 12 and 24 of
-# SmolLM2's 30 blocks, and the Gaussian process), gdfo and its random-direction control at 510 calls on
-# SST-2, AG News and RTE, seeds 13 42 87, with the settings of benchmarks/campaign_oracle.sh. Their bbt
-# and manual cells are copied from the oracle campaign (--reuse), so every rung pairs with the same bbt.
+# SmolLM2's 30 blocks, and the Gaussian process), gdfo at 510 calls on SST-2, AG News and RTE, seeds
+# 13 42 87, with the settings of benchmarks/campaign_oracle.sh. Their bbt and manual cells are copied from
+# the oracle campaign (--reuse), so every rung pairs with the same bbt. The random-direction control
+# never reads its student (its search is the same whichever student rides along: tests/test_driver.py),
+# so the oracle campaign's gdfo_random cells are every rung's control (--control) and are not run again.
 # The default student's rung is campaign-2026-12-03 (5 seeds, same settings), the oracle's its own.
 # Student cost (benchmarks/student_cost.py, SST-2, K = 10 x 64 rows): sibling:24 took 2.3x the teacher's
 # time per generation, sibling:12 1.4x; K = 5 x 32 rows (the default student's campaign setting) keeps
@@ -12,10 +14,10 @@ set -euo pipefail
 ROOT=${1:-benchmarks/results}
 ORACLE=$ROOT/campaign-oracle-2026-12-05
 for STUDENT in sibling:24 sibling:12 sibling:4 gp; do
-  gdfo bench --tasks sst2 ag_news rte --seeds 13 42 87 --methods manual bbt gdfo gdfo_random \
+  gdfo bench --tasks sst2 ag_news rte --seeds 13 42 87 --methods manual bbt gdfo \
       --budget 510 --results "$ROOT/ladder-${STUDENT/:/}" --cell-cpus 1 --reuse "$ORACLE" \
       --set task.prompt_placement=suffix --set task.max_test_examples=2000 \
       --set model.student="$STUDENT" --set student.k_steps=5 --set student.batch_rows=32
 done
-gdfo report --ladder "$ORACLE" "$ROOT"/ladder-sibling24 "$ROOT"/ladder-sibling12 "$ROOT"/ladder-sibling4 \
+gdfo report --ladder --control "$ORACLE" "$ORACLE" "$ROOT"/ladder-sibling24 "$ROOT"/ladder-sibling12 "$ROOT"/ladder-sibling4 \
     "$ROOT"/ladder-gp "$ROOT"/campaign-2026-12-03 --out "$ROOT/ladder-report"

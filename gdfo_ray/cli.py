@@ -280,6 +280,9 @@ class _Report(_BaseCommand):
         parser.add_argument("--ladder", action="store_true",
                             help="one campaign directory per student: gdfo − bbt against each student's median "
                                  "fidelity (ladder.md, ladder.png; --out is required)")
+        parser.add_argument("--control", metavar="DIR",
+                            help="with --ladder: a campaign whose gdfo_random cells pair with every rung that ran "
+                                 "none (the random control does not read its student)")
 
     def take_action(self, args: argparse.Namespace) -> int:
         from gdfo_ray.report import build_report, ladder_report
@@ -287,7 +290,9 @@ class _Report(_BaseCommand):
         if args.ladder:
             if not args.out:
                 raise GDFOError("gdfo report --ladder needs --out DIR for ladder.md and ladder.png.")
-            path = ladder_report(args.results, args.out)
+            path = ladder_report(args.results, args.out, control_dir=args.control)
+        elif args.control:
+            raise GDFOError("gdfo report --control pairs a ladder's rungs with a shared control: it needs --ladder.")
         elif len(args.results) > 1:
             raise GDFOError("gdfo report takes one campaign directory; pass --ladder to compare several students.")
         else:

@@ -583,7 +583,8 @@ class ServiceConfig:
 class RunSeeds:
     """Every random stream of a run, derived in this one place from its seed, and recorded with its results."""
 
-    run: int  # the driver's generator: replay sampling, kd's noise, the random control's directions
+    run: int  # the driver's generator: kd's noise, the random control's directions
+    replay: int  # the student's replay batches, apart from ``run`` so that no student moves the control's directions
     cma: int  # pycma's seed; pycma reads 0 as "from the clock", hence seed + 1 (bbtv2: cma * 1000 + layer)
     prompt_space: int  # A and P0 of the intrinsic space
     student_init: int  # the student's own projection and prompt tokens
@@ -598,7 +599,7 @@ class RunSeeds:
         >>> RunSeeds.derive(42).cma, RunSeeds.derive(42, split_seed=13).split
         (43, 13)
         """
-        return cls(run=seed, cma=seed + 1, prompt_space=seed, student_init=seed + 1, torch=seed,
+        return cls(run=seed, replay=seed + 3, cma=seed + 1, prompt_space=seed, student_init=seed + 1, torch=seed,
                    fidelity_rows=seed + 7, split=seed if split_seed is None else split_seed)
 
 

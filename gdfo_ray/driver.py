@@ -41,6 +41,8 @@ class DriverState:
     last_eval_calls: int = 0
     np_global_state: tuple = ()  # pycma samples from numpy's global generator
     pending_distill: Optional[list] = None  # batches of a distillation still running (student.overlap_distill)
+    # The replay batches' own generator (seeds.replay); a checkpoint written before it drew them from ``rng``.
+    replay_rng: Optional[np.random.Generator] = None
 
 
 class GenerationContext:
@@ -118,7 +120,8 @@ class GenerationContext:
         self.student.observe(Z, logits, d.train_ids)  # a GP student fits on whole populations
         cfg = d.config.student
         pop_rows = min(8, len(d.train_ids)) if cfg.rank_weight > 0 else 0
-        return [d.state.buffer.sample(cfg.batch_rows, self.rng, d.data.train.label, pop_rows)
+        rng = d.state.rng if d.state.replay_rng is None else d.state.replay_rng
+        return [d.state.buffer.sample(cfg.batch_rows, rng, d.data.train.label, pop_rows)
                 for _ in range(cfg.k_steps)]
 
     def distill(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> float:
@@ -229,7 +232,8 @@ class Driver:
         self.teacher_info = None  # what the teacher's describe() said, where the run builder asked it
         if state is None:
             state = DriverState(make_method(config, getattr(space, "n_layers", 1)), CallBudget(config.search.budget_calls),
-                                ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seeds.run))
+                                ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seeds.run),
+                                replay_rng=np.random.default_rng(config.seeds.replay))
         elif state.np_global_state:
             np.random.set_state(state.np_global_state)
         self.state = state

@@ -452,15 +452,22 @@ def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:
 
 
 
-def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES) -> list[dict]:
+def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
+                control_dir: Optional[str] = None) -> list[dict]:
     """One rung per campaign directory: its student, the median fidelity of its gdfo cells, gdfo − bbt.
 
     Each directory is one student's campaign (``gdfo bench --set model.student=...``) with bbt
-    cells to pair with (run there or copied in by ``--reuse``). Rungs come out by fidelity.
+    cells to pair with (run there or copied in by ``--reuse``). A rung without gdfo_random cells
+    of its own pairs with those of ``control_dir``: the random control never reads its student,
+    so its search is the same whichever student rode along. Rungs come out by fidelity.
     """
+    shared_control = [r for r in read_results(control_dir, "cells") if r["method"] == GDFO_RANDOM] if control_dir else []
+    if control_dir and not shared_control:
+        raise GDFOError(f"{control_dir} has no finished {GDFO_RANDOM} cell to serve as the ladder's control.")
     rungs = []
     for folder in results_dirs:
         rows = read_results(folder, "cells")
+        own_control = any(r["method"] == GDFO_RANDOM for r in rows)
         gdfo = [r for r in rows if r["method"] == "gdfo"]
         if not gdfo:
             raise GDFOError(f"{folder} has no finished gdfo cell: a rung of the ladder needs gdfo and bbt cells.")
@@ -474,7 +481,9 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES) 
         rungs.append({"dir": folder, "student": students[0], "oracle": students[0] == "oracle",
                       "fidelity": float(np.median(fids)) if fids else float("nan"), "cells": vs_bbt["cells"],
                       "seeds": sorted({int(r["seed"]) for r in gdfo}), "vs_bbt": vs_bbt,
-                      "vs_random": paired_differences(rows, "gdfo", GDFO_RANDOM, n_boot)})
+                      "vs_random": paired_differences(rows if own_control else rows + shared_control, "gdfo",
+                                                      GDFO_RANDOM, n_boot),
+                      "control": folder if own_control or not shared_control else control_dir})
     return sorted(rungs, key=lambda r: (np.nan_to_num(r["fidelity"], nan=-2.0), r["student"]))
 
 
@@ -494,9 +503,10 @@ def ladder_threshold(rungs: list[dict]) -> str:
             f"({rung['student']}) up: below that gdfo does not pay off.")
 
 
-def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTSTRAP_RESAMPLES) -> str:
+def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTSTRAP_RESAMPLES,
+                  control_dir: Optional[str] = None) -> str:
     """``ladder.md`` and ``ladder.png``: gdfo − bbt against each student's median fidelity."""
-    rungs = ladder_rows(results_dirs, n_boot)
+    rungs = ladder_rows(results_dirs, n_boot, control_dir)
     os.makedirs(out_dir, exist_ok=True)
     lines = ["# When does the student's gradient pay off?", "",
              "One rung per student: the median over its gdfo cells of each run's median fidelity, and gdfo − bbt "
@@ -514,6 +524,11 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
                      f"[{_pp(v['lo'])}, {_pp(v['hi'])}] | {control} |")
     if any(r["oracle"] for r in rungs):
         lines += ["", f"† {ORACLE_NOTE}."]
+    borrowed = sorted({r["student"] for r in rungs if r["vs_random"] is not None and r["control"] != r["dir"]})
+    if borrowed:
+        lines += ["", f"gdfo − gdfo_random of {', '.join(borrowed)}: paired with the {GDFO_RANDOM} cells of "
+                  f"`{os.path.relpath(control_dir, out_dir)}`. The random control never reads its student, so its "
+                  "search is the same whichever student rode along (tests/test_driver.py checks it)."]
     lines += ["", ladder_threshold(rungs), "", "![ladder.png](ladder.png)", ""]
     _plot_ladder(rungs, os.path.join(out_dir, "ladder.png"))
     path = os.path.join(out_dir, "ladder.md")

@@ -77,11 +77,12 @@ class SurrogateStudent:
         return loss.item(), g[0].numpy()
 
 
-def setup_synthetic(method, seed, budget=320, control="none", nan_after=None, fidelity_rows=32, **harmonize):
+def setup_synthetic(method, seed, budget=320, control="none", nan_after=None, fidelity_rows=32, k_steps=30,
+                    **harmonize):
     config = GDFOConfig.from_dict({
         "method": method, "seed": seed, "prompt": {"intrinsic_dim": D, "n_prompt_tokens": N},
         "search": {"budget_calls": budget, "popsize": 8, "sigma0": 0.2, "eval_every_calls": 40, "loss": "ce"},
-        "student": {"k_steps": 30, "batch_rows": 64, "fidelity_rows": fidelity_rows},
+        "student": {"k_steps": k_steps, "batch_rows": 64, "fidelity_rows": fidelity_rows},
         "harmonize": {"eta": 0.5, "gamma": 0.5, "control": control, **harmonize},
     })
     teacher = SyntheticTeacher(seed, nan_after)

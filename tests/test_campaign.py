@@ -213,33 +213,41 @@ def test_gdfo_random_is_gdfo_with_the_random_direction_control(tiny_models, camp
 
 
 def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished, tiny_models, campaign_data, tmp_path):
+    from gdfo_ray import GDFOError
     from gdfo_ray.report import ladder_report, ladder_rows, ladder_threshold
 
     campaign, _, _ = finished
     dirs = []
-    for student in ("oracle", "gp"):
+    # The oracle's rung runs the random control too; the gp's rung borrows it (its search would be the same).
+    for student, methods in (("oracle", ("bbt", "gdfo", "gdfo_random")), ("gp", ("bbt", "gdfo"))):
         base = {**campaign.base, "model": {**campaign.base["model"], "student": student}}
-        rung = _campaign(tmp_path / student, tiny_models, campaign_data, tasks=("sst2",), methods=("bbt", "gdfo"),
+        rung = _campaign(tmp_path / student, tiny_models, campaign_data, tasks=("sst2",), methods=methods,
                          base=base, reuse=campaign.results_dir)
         outcome = run_campaign(rung, say=lambda _: None)
-        assert len(outcome.finished) == 2 and not outcome.failed  # gdfo ran; bbt was copied in
+        assert len(outcome.finished) == 2 * len(methods) - 2 and not outcome.failed  # bbt was copied in
         dirs.append(rung.results_dir)
-    rungs = ladder_rows(dirs, n_boot=200)
+    oracle_dir = dirs[0]
+    rungs = ladder_rows(dirs, n_boot=200, control_dir=oracle_dir)
     assert [r["student"] for r in rungs][-1] == "oracle"  # by fidelity: the oracle ranks as the teacher does
     assert rungs[-1]["fidelity"] == pytest.approx(1.0) and rungs[-1]["cells"] == 2
-    for r in rungs:  # the rung's gdfo − bbt is the paired difference of its own cells
+    control = {x["seed"]: x["test_score"] for x in read_results(oracle_dir) if x["method"] == "gdfo_random"}
+    for r in rungs:  # the rung's gdfo − bbt is the paired difference of its own cells; the control is the oracle's
         gdfo = {x["seed"]: x["test_score"] for x in read_results(r["dir"]) if x["method"] == "gdfo"}
         bbt = {x["seed"]: x["test_score"] for x in read_results(r["dir"]) if x["method"] == "bbt"}
         assert r["vs_bbt"]["diff"] == pytest.approx(np.mean([gdfo[s] - bbt[s] for s in gdfo]))
-    path = ladder_report(dirs, str(tmp_path / "ladder"), n_boot=200)
+        assert r["vs_random"]["diff"] == pytest.approx(np.mean([gdfo[s] - control[s] for s in gdfo]))
+        assert r["control"] == oracle_dir
+    assert ladder_rows(dirs, n_boot=200)[0]["vs_random"] is None  # without --control the gp rung has none
+    with pytest.raises(GDFOError, match="no finished gdfo_random cell"):
+        ladder_rows(dirs, control_dir=dirs[1])
+    path = ladder_report(dirs, str(tmp_path / "ladder"), n_boot=200, control_dir=oracle_dir)
     text = open(path).read()
     assert "| oracle † |" in text and "breaks the black-box premise" in text
+    assert "gdfo − gdfo_random of gp: paired with the gdfo_random cells of `../oracle`" in text
     assert ladder_threshold(rungs) in text and os.path.exists(tmp_path / "ladder" / "ladder.png")
     pay = [{**r, "vs_bbt": {**r["vs_bbt"], "lo": lo}} for r, lo in zip(rungs, (-0.01, 0.02))]
     assert "from median fidelity +1.00 (oracle) up" in ladder_threshold(pay)
     assert "at no rung" in ladder_threshold([{**r, "vs_bbt": {**r["vs_bbt"], "lo": -0.1}} for r in rungs])
-    from gdfo_ray import GDFOError
-
     with pytest.raises(GDFOError, match="no finished gdfo cell"):
         ladder_rows([campaign.results_dir])
 

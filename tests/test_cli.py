@@ -65,6 +65,8 @@ def test_run_py_also_starts_campaigns_sweeps_and_reports():
 def test_bench_and_report_errors_name_the_problem(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     assert "no cells/ dataset" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--control", str(tmp_path)]) == 1
+    assert "--control pairs a ladder's rungs with a shared control: it needs --ladder" in capsys.readouterr().err
     assert main(["bench", "--tasks", "sst2", "--seeds", "x", "--methods", "bbt", "--results", str(tmp_path)]) == 1
     assert "seeds must be integers" in capsys.readouterr().err
     with pytest.raises(SystemExit):
