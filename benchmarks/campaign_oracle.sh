@@ -7,6 +7,9 @@
 # RTE, seeds 13 42 87 21 100. The settings are those of benchmarks/campaign_500.sh, so its bbt and
 # manual cells pair with these and are copied in (--reuse) rather than run again; a cell that differs
 # in any setting that can change it runs here. The oracle trains nothing (student.k_steps=0).
+# The cells are the same whichever order they run in; on 2026-12-05 the remaining ones ran as three
+# invocations of this command (--methods "manual bbt gdfo", then "white_box lq_cma", then "gdfo_random";
+# campaign.yaml records each), so that gdfo's five seeds, which decide step 3, came first.
 # Run it from a pinned commit in its own worktree, niced; a rerun skips finished cells:
 #   git worktree add ../gdfo-campaign <commit> && cd ../gdfo-campaign && make setup
 #   GDFO_DATA_DIR=/path/to/shared/data nice -n 19 bash benchmarks/campaign_oracle.sh [RESULTS_DIR]
