@@ -41,7 +41,7 @@ class DriverState:
     last_eval_calls: int = 0
     np_global_state: tuple = ()  # pycma samples from numpy's global generator
     pending_distill: Optional[list] = None  # batches of a distillation still running (student.overlap_distill)
-    # The replay batches' own generator (seeds.replay); a checkpoint written before it drew them from ``rng``.
+    # The replay batches' own generator (seeds.replay); the Driver sets it to ``rng`` for a checkpoint from before it.
     replay_rng: Optional[np.random.Generator] = None
 
 
@@ -120,8 +120,7 @@ class GenerationContext:
         self.student.observe(Z, logits, d.train_ids)  # a GP student fits on whole populations
         cfg = d.config.student
         pop_rows = min(8, len(d.train_ids)) if cfg.rank_weight > 0 else 0
-        rng = d.state.rng if d.state.replay_rng is None else d.state.replay_rng
-        return [d.state.buffer.sample(cfg.batch_rows, rng, d.data.train.label, pop_rows)
+        return [d.state.buffer.sample(cfg.batch_rows, d.state.replay_rng, d.data.train.label, pop_rows)
                 for _ in range(cfg.k_steps)]
 
     def distill(self, Z: np.ndarray, logits: np.ndarray, F: np.ndarray) -> float:
@@ -234,8 +233,11 @@ class Driver:
             state = DriverState(make_method(config, getattr(space, "n_layers", 1)), CallBudget(config.search.budget_calls),
                                 ReplayBuffer(config.student.buffer_candidates), np.random.default_rng(config.seeds.run),
                                 replay_rng=np.random.default_rng(config.seeds.replay))
-        elif state.np_global_state:
-            np.random.set_state(state.np_global_state)
+        else:
+            if state.np_global_state:
+                np.random.set_state(state.np_global_state)
+            if state.replay_rng is None:  # a checkpoint from before seeds.replay drew its batches from the run's stream
+                state.replay_rng = state.rng
         self.state = state
         self.lane = StudentLane(student) if student is not None else None
         self.pending: Optional[tuple] = None  # (future of a running distillation, the weights before it)

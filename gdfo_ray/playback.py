@@ -25,6 +25,7 @@ from gdfo_ray.config import RECORDING_SUFFIX
 from gdfo_ray.exceptions import TeacherError
 from gdfo_ray.teacher import BaseTeacher, TeacherInfo
 
+
 def _digest(array: np.ndarray) -> str:
     array = np.ascontiguousarray(array)
     h = hashlib.sha1(f"{array.dtype.str}{array.shape}".encode())

@@ -461,7 +461,8 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
     of its own pairs with those of ``control_dir``: the random control never reads its student,
     so its search is the same whichever student rode along. Rungs come out by fidelity.
     """
-    shared_control = [r for r in read_results(control_dir, "cells") if r["method"] == GDFO_RANDOM] if control_dir else []
+    shared_control = ([r for r in read_results(control_dir, "cells") if r["method"] == GDFO_RANDOM]
+                      if control_dir else [])
     if control_dir and not shared_control:
         raise GDFOError(f"{control_dir} has no finished {GDFO_RANDOM} cell to serve as the ladder's control.")
     rungs = []
