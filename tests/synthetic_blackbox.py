@@ -78,7 +78,9 @@ class SurrogateStudent:
 
 
 def setup_synthetic(method, seed, budget=320, control="none", nan_after=None, fidelity_rows=32, k_steps=30,
-                    **harmonize):
+                    exact_student=False, **harmonize):
+    """A driver on the synthetic black box; ``exact_student`` starts the student at the black box's own
+    map (W = V A^T), so its gradient in z is exact before it has learned anything."""
     config = GDFOConfig.from_dict({
         "method": method, "seed": seed, "prompt": {"intrinsic_dim": D, "n_prompt_tokens": N},
         "search": {"budget_calls": budget, "popsize": 8, "sigma0": 0.2, "eval_every_calls": 40, "loss": "ce"},
@@ -95,6 +97,8 @@ def setup_synthetic(method, seed, budget=320, control="none", nan_after=None, fi
     data = TaskData(PRESETS["sst2"], split, split, split, "synthetic")
     student = SurrogateStudent(teacher)
     student.labels = torch.as_tensor(labels)
+    if exact_student:
+        student.W.data = torch.as_tensor(teacher.V @ space.A.T, dtype=torch.float32)
     return Driver(config, data, teacher, student if config.uses_student else None, space), teacher
 
 
