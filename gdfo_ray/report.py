@@ -484,7 +484,16 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
                       "seeds": sorted({int(r["seed"]) for r in gdfo}), "vs_bbt": vs_bbt,
                       "vs_random": paired_differences(rows if own_control else rows + shared_control, "gdfo",
                                                       GDFO_RANDOM, n_boot),
-                      "control": folder if own_control or not shared_control else control_dir})
+                      "control": folder if own_control or not shared_control else control_dir,
+                      "paired": {(r["task"], int(r["seed"])) for r in gdfo} & {
+                          (r["task"], int(r["seed"])) for r in rows if r["method"] == "bbt"},
+                      "rows": rows})
+    # Rungs may run different seeds (the oracle five, the others three): gdfo − bbt again on the
+    # (task, seed) cells every rung has, so that rungs also compare on identical cells.
+    shared = set.intersection(*(r["paired"] for r in rungs))
+    for r in rungs:
+        rows = [x for x in r.pop("rows") if (x["task"], int(x["seed"])) in shared]
+        r["vs_bbt_shared"] = paired_differences(rows, "gdfo", "bbt", n_boot) if shared else None
     return sorted(rungs, key=lambda r: (np.nan_to_num(r["fidelity"], nan=-2.0), r["student"]))
 
 
@@ -509,20 +518,34 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
     """``ladder.md`` and ``ladder.png``: gdfo − bbt against each student's median fidelity."""
     rungs = ladder_rows(results_dirs, n_boot, control_dir)
     os.makedirs(out_dir, exist_ok=True)
+
+    def ci(v: Optional[dict], cells: bool = False) -> str:
+        if v is None:
+            return "–"
+        bold = "**" if v["lo"] > 0 or v["hi"] < 0 else ""
+        n = f" ({v['cells']} cells)" if cells else ""
+        return f"{bold}{_pp(v['diff'])}{bold} [{_pp(v['lo'])}, {_pp(v['hi'])}]{n}"
+
+    shared = rungs[0]["vs_bbt_shared"]
+    uneven = shared is not None and any(r["vs_bbt_shared"]["cells"] != r["cells"] for r in rungs)
     lines = ["# When does the student's gradient pay off?", "",
              "One rung per student: the median over its gdfo cells of each run's median fidelity, and gdfo − bbt "
-             "(and gdfo − its random-direction control, where run) in test points, paired on (task, seed), with "
-             "95% bootstrap intervals over seeds and test rows. Bold: the interval excludes zero.", "",
-             "| student | campaign | seeds | cells | median fidelity | gdfo − bbt | 95% CI | gdfo − gdfo_random |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(and gdfo − its random-direction control) in test points, paired on (task, seed), with "
+             "95% bootstrap intervals over seeds and test rows. Bold: the interval excludes zero.", ""]
+    head = ["student", "campaign", "seeds", "cells", "median fidelity", "gdfo − bbt [95% CI]"]
+    if uneven:
+        n = shared["cells"]
+        head.append(f"gdfo − bbt on the {n} cell{'s' * (n != 1)} every rung has")
+    head.append("gdfo − gdfo_random")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rungs:
-        v, c = r["vs_bbt"], r["vs_random"]
-        bold = "**" if v["lo"] > 0 or v["hi"] < 0 else ""
         name = f"{r['student']} †" if r["oracle"] else r["student"]
-        control = "–" if c is None else f"{_pp(c['diff'])} [{_pp(c['lo'])}, {_pp(c['hi'])}]"
-        lines.append(f"| {name} | `{os.path.relpath(r['dir'], out_dir)}` | {' '.join(map(str, r['seeds']))} | "
-                     f"{r['cells']} | {r['fidelity']:+.2f} | {bold}{_pp(v['diff'])}{bold} | "
-                     f"[{_pp(v['lo'])}, {_pp(v['hi'])}] | {control} |")
+        row = [name, f"`{os.path.relpath(r['dir'], out_dir)}`", " ".join(map(str, r["seeds"])), str(r["cells"]),
+               f"{r['fidelity']:+.2f}", ci(r["vs_bbt"])]
+        if uneven:
+            row.append(ci(r["vs_bbt_shared"]))
+        row.append(ci(r["vs_random"], cells=True))
+        lines.append("| " + " | ".join(row) + " |")
     if any(r["oracle"] for r in rungs):
         lines += ["", f"† {ORACLE_NOTE}."]
     borrowed = sorted({r["student"] for r in rungs if r["vs_random"] is not None and r["control"] != r["dir"]})
@@ -530,6 +553,12 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
         lines += ["", f"gdfo − gdfo_random of {', '.join(borrowed)}: paired with the {GDFO_RANDOM} cells of "
                   f"`{os.path.relpath(control_dir, out_dir)}`. The random control never reads its student, so its "
                   "search is the same whichever student rode along (tests/test_driver.py checks it)."]
+    tasks = _ordered({t for r in rungs for t in r["vs_bbt"]["tasks"]}, TASK_ORDER)
+    lines += ["", "gdfo − bbt per task, over each rung's own seeds:", "",
+              "| student | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for r in rungs:
+        lines.append(f"| {r['student']}{' †' if r['oracle'] else ''} | "
+                     + " | ".join(ci(r["vs_bbt"]["tasks"].get(t)) for t in tasks) + " |")
     lines += ["", ladder_threshold(rungs), "", "![ladder.png](ladder.png)", ""]
     _plot_ladder(rungs, os.path.join(out_dir, "ladder.png"))
     path = os.path.join(out_dir, "ladder.md")
@@ -549,9 +578,12 @@ def _plot_ladder(rungs: list[dict], path: str) -> None:
         v = r["vs_bbt"]
         y, lo, hi = 100 * v["diff"], 100 * v["lo"], 100 * v["hi"]
         ax.errorbar([r["fidelity"]], [y], yerr=[[y - lo], [hi - y]], fmt="s" if r["oracle"] else "o", capsize=4)
-        ax.annotate(r["student"] + (" (oracle: not a black box)" if r["oracle"] else ""), (r["fidelity"], y),
-                    textcoords="offset points", xytext=(6, 6), fontsize=8)
+        right = r["fidelity"] > 0.6  # label leftwards near the right edge, so it stays inside the axes
+        ax.annotate(r["student"] + (" (not a black box)" if r["oracle"] else ""), (r["fidelity"], y),
+                    textcoords="offset points", xytext=(-6 if right else 6, 6), ha="right" if right else "left",
+                    fontsize=8)
     ax.axhline(0.0, color="grey", lw=0.8)
+    ax.margins(x=0.1)
     ax.set(xlabel="median fidelity of the student (Spearman)", ylabel="gdfo − bbt, test points (95% CI)",
            title="gdfo − bbt against the student's fidelity")
     fig.tight_layout()

@@ -218,18 +218,24 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
 
     campaign, _, _ = finished
     dirs = []
-    # The oracle's rung runs the random control too; the gp's rung borrows it (its search would be the same).
-    for student, methods in (("oracle", ("bbt", "gdfo", "gdfo_random")), ("gp", ("bbt", "gdfo"))):
+    # The oracle's rung runs the random control too; the gp's rung borrows it (its search would be the same),
+    # and runs one seed of the oracle's two, as the ladder's rungs run three of its five.
+    for student, methods, seeds in (("oracle", ("bbt", "gdfo", "gdfo_random"), (13, 42)),
+                                    ("gp", ("bbt", "gdfo"), (42,))):
         base = {**campaign.base, "model": {**campaign.base["model"], "student": student}}
         rung = _campaign(tmp_path / student, tiny_models, campaign_data, tasks=("sst2",), methods=methods,
-                         base=base, reuse=campaign.results_dir)
+                         seeds=seeds, base=base, reuse=campaign.results_dir)
         outcome = run_campaign(rung, say=lambda _: None)
-        assert len(outcome.finished) == 2 * len(methods) - 2 and not outcome.failed  # bbt was copied in
+        assert len(outcome.finished) == len(seeds) * (len(methods) - 1) and not outcome.failed  # bbt copied in
         dirs.append(rung.results_dir)
     oracle_dir = dirs[0]
     rungs = ladder_rows(dirs, n_boot=200, control_dir=oracle_dir)
     assert [r["student"] for r in rungs][-1] == "oracle"  # by fidelity: the oracle ranks as the teacher does
     assert rungs[-1]["fidelity"] == pytest.approx(1.0) and rungs[-1]["cells"] == 2
+    bbt = {x["seed"]: x["test_score"] for x in read_results(oracle_dir) if x["method"] == "bbt"}
+    oracle = {x["seed"]: x["test_score"] for x in read_results(oracle_dir) if x["method"] == "gdfo"}
+    assert rungs[-1]["vs_bbt_shared"]["cells"] == 1  # again on the one cell both rungs have: seed 42
+    assert rungs[-1]["vs_bbt_shared"]["diff"] == pytest.approx(oracle[42] - bbt[42])
     control = {x["seed"]: x["test_score"] for x in read_results(oracle_dir) if x["method"] == "gdfo_random"}
     for r in rungs:  # the rung's gdfo − bbt is the paired difference of its own cells; the control is the oracle's
         gdfo = {x["seed"]: x["test_score"] for x in read_results(r["dir"]) if x["method"] == "gdfo"}
@@ -243,6 +249,7 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
     path = ladder_report(dirs, str(tmp_path / "ladder"), n_boot=200, control_dir=oracle_dir)
     text = open(path).read()
     assert "| oracle † |" in text and "breaks the black-box premise" in text
+    assert "gdfo − bbt on the 1 cell every rung has" in text and "gdfo − bbt per task" in text
     assert "gdfo − gdfo_random of gp: paired with the gdfo_random cells of `../oracle`" in text
     assert ladder_threshold(rungs) in text and os.path.exists(tmp_path / "ladder" / "ladder.png")
     pay = [{**r, "vs_bbt": {**r["vs_bbt"], "lo": lo}} for r, lo in zip(rungs, (-0.01, 0.02))]
