@@ -178,6 +178,18 @@ def _pp(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
+def _excludes_zero(v: dict) -> bool:
+    return v["lo"] > 0 or v["hi"] < 0
+
+
+def _interval(v: Optional[dict], bold: bool = False) -> str:
+    """A paired difference as ``+d [lo, hi]`` in points; ``bold`` marks it where its interval excludes zero."""
+    if v is None:
+        return "–"
+    b = "**" if bold and _excludes_zero(v) else ""
+    return f"{b}{_pp(v['diff'])}{b} [{_pp(v['lo'])}, {_pp(v['hi'])}]"
+
+
 def paired_table(rows: list[dict], n_boot: int = BOOTSTRAP_RESAMPLES) -> str:
     """Markdown: per method pair, the mean paired difference with its 95% interval, wins, and per task."""
     results = [r for r in (paired_differences(rows, a, b, n_boot) for a, b in method_pairs(rows)) if r]
@@ -187,11 +199,8 @@ def paired_table(rows: list[dict], n_boot: int = BOOTSTRAP_RESAMPLES) -> str:
     lines = ["| A − B | cells | mean diff (points) | 95% CI | tasks A wins / B wins | "
              + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 5)]
     for r in results:
-        cells = []
-        for t in tasks:
-            v = r["tasks"].get(t)
-            cells.append("–" if v is None else f"{_pp(v['diff'])} [{_pp(v['lo'])}, {_pp(v['hi'])}]")
-        excludes = "**" if r["lo"] > 0 or r["hi"] < 0 else ""
+        cells = [_interval(r["tasks"].get(t)) for t in tasks]
+        excludes = "**" if _excludes_zero(r) else ""
         note = "" if r["rows_resampled"] else " (seeds only)"
         if min(v["seeds"] for v in r["tasks"].values()) < 2:
             note += " (1 seed: test rows only)"
@@ -465,9 +474,10 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
                       if control_dir else [])
     if control_dir and not shared_control:
         raise GDFOError(f"{control_dir} has no finished {GDFO_RANDOM} cell to serve as the ladder's control.")
-    rungs = []
+    rungs, rung_rows = [], []
     for folder in results_dirs:
         rows = read_results(folder, "cells")
+        rung_rows.append(rows)
         own_control = any(r["method"] == GDFO_RANDOM for r in rows)
         gdfo = [r for r in rows if r["method"] == "gdfo"]
         if not gdfo:
@@ -486,13 +496,12 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
                                                       GDFO_RANDOM, n_boot),
                       "control": folder if own_control or not shared_control else control_dir,
                       "paired": {(r["task"], int(r["seed"])) for r in gdfo} & {
-                          (r["task"], int(r["seed"])) for r in rows if r["method"] == "bbt"},
-                      "rows": rows})
+                          (r["task"], int(r["seed"])) for r in rows if r["method"] == "bbt"}})
     # Rungs may run different seeds (the oracle five, the others three): gdfo − bbt again on the
     # (task, seed) cells every rung has, so that rungs also compare on identical cells.
     shared = set.intersection(*(r["paired"] for r in rungs))
-    for r in rungs:
-        rows = [x for x in r.pop("rows") if (x["task"], int(x["seed"])) in shared]
+    for r, rows in zip(rungs, rung_rows):
+        rows = [x for x in rows if (x["task"], int(x["seed"])) in shared]
         r["vs_bbt_shared"] = paired_differences(rows, "gdfo", "bbt", n_boot) if shared else None
     return sorted(rungs, key=lambda r: (np.nan_to_num(r["fidelity"], nan=-2.0), r["student"]))
 
@@ -519,13 +528,6 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
     rungs = ladder_rows(results_dirs, n_boot, control_dir)
     os.makedirs(out_dir, exist_ok=True)
 
-    def ci(v: Optional[dict], cells: bool = False) -> str:
-        if v is None:
-            return "–"
-        bold = "**" if v["lo"] > 0 or v["hi"] < 0 else ""
-        n = f" ({v['cells']} cells)" if cells else ""
-        return f"{bold}{_pp(v['diff'])}{bold} [{_pp(v['lo'])}, {_pp(v['hi'])}]{n}"
-
     shared = rungs[0]["vs_bbt_shared"]
     uneven = shared is not None and any(r["vs_bbt_shared"]["cells"] != r["cells"] for r in rungs)
     lines = ["# When does the student's gradient pay off?", "",
@@ -541,10 +543,11 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
     for r in rungs:
         name = f"{r['student']} †" if r["oracle"] else r["student"]
         row = [name, f"`{os.path.relpath(r['dir'], out_dir)}`", " ".join(map(str, r["seeds"])), str(r["cells"]),
-               f"{r['fidelity']:+.2f}", ci(r["vs_bbt"])]
+               f"{r['fidelity']:+.2f}", _interval(r["vs_bbt"], bold=True)]
         if uneven:
-            row.append(ci(r["vs_bbt_shared"]))
-        row.append(ci(r["vs_random"], cells=True))
+            row.append(_interval(r["vs_bbt_shared"], bold=True))
+        c = r["vs_random"]
+        row.append(_interval(c, bold=True) + ("" if c is None else f" ({c['cells']} cells)"))
         lines.append("| " + " | ".join(row) + " |")
     if any(r["oracle"] for r in rungs):
         lines += ["", f"† {ORACLE_NOTE}."]
@@ -558,7 +561,7 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
               "| student | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
     for r in rungs:
         lines.append(f"| {r['student']}{' †' if r['oracle'] else ''} | "
-                     + " | ".join(ci(r["vs_bbt"]["tasks"].get(t)) for t in tasks) + " |")
+                     + " | ".join(_interval(r["vs_bbt"]["tasks"].get(t), bold=True) for t in tasks) + " |")
     lines += ["", ladder_threshold(rungs), "", "![ladder.png](ladder.png)", ""]
     _plot_ladder(rungs, os.path.join(out_dir, "ladder.png"))
     path = os.path.join(out_dir, "ladder.md")

@@ -229,17 +229,19 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
         assert len(outcome.finished) == len(seeds) * (len(methods) - 1) and not outcome.failed  # bbt copied in
         dirs.append(rung.results_dir)
     oracle_dir = dirs[0]
+
+    def scores(folder, method):
+        return {x["seed"]: x["test_score"] for x in read_results(folder) if x["method"] == method}
+
     rungs = ladder_rows(dirs, n_boot=200, control_dir=oracle_dir)
     assert [r["student"] for r in rungs][-1] == "oracle"  # by fidelity: the oracle ranks as the teacher does
     assert rungs[-1]["fidelity"] == pytest.approx(1.0) and rungs[-1]["cells"] == 2
-    bbt = {x["seed"]: x["test_score"] for x in read_results(oracle_dir) if x["method"] == "bbt"}
-    oracle = {x["seed"]: x["test_score"] for x in read_results(oracle_dir) if x["method"] == "gdfo"}
+    bbt, oracle = scores(oracle_dir, "bbt"), scores(oracle_dir, "gdfo")
     assert rungs[-1]["vs_bbt_shared"]["cells"] == 1  # again on the one cell both rungs have: seed 42
     assert rungs[-1]["vs_bbt_shared"]["diff"] == pytest.approx(oracle[42] - bbt[42])
-    control = {x["seed"]: x["test_score"] for x in read_results(oracle_dir) if x["method"] == "gdfo_random"}
+    control = scores(oracle_dir, "gdfo_random")
     for r in rungs:  # the rung's gdfo − bbt is the paired difference of its own cells; the control is the oracle's
-        gdfo = {x["seed"]: x["test_score"] for x in read_results(r["dir"]) if x["method"] == "gdfo"}
-        bbt = {x["seed"]: x["test_score"] for x in read_results(r["dir"]) if x["method"] == "bbt"}
+        gdfo, bbt = scores(r["dir"], "gdfo"), scores(r["dir"], "bbt")
         assert r["vs_bbt"]["diff"] == pytest.approx(np.mean([gdfo[s] - bbt[s] for s in gdfo]))
         assert r["vs_random"]["diff"] == pytest.approx(np.mean([gdfo[s] - control[s] for s in gdfo]))
         assert r["control"] == oracle_dir
