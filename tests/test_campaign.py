@@ -281,6 +281,35 @@ def test_a_gdfo_cells_curve_keeps_rho_and_its_candidates_rank_for_the_rank_bench
     assert len(table) == 1 and f"| {len(curve) - 1} |" in table[0]
 
 
+def test_the_white_box_benchmark_reads_train_loss_and_dev_peak_from_the_curve(
+        local_ray, tiny_models, campaign_data, tmp_path, capsys, monkeypatch):
+    import pathlib
+
+    campaign = _campaign(tmp_path, tiny_models, campaign_data, tasks=("sst2",), methods=("white_box", "bbt"),
+                         seeds=(42,), budget=12)
+    assert not run_campaign(campaign, say=lambda _: None).failed
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    import white_box_curves
+
+    assert list(white_box_curves.curves(campaign.results_dir)) == [("sst2", 42)]  # bbt's curve is not read
+    rows = white_box_curves.curves(campaign.results_dir)[("sst2", 42)]
+    s = white_box_curves.summary(rows)
+    dev = [(int(r["calls"]), r["dev_score"]) for r in rows if r["dev_score"] is not None]
+    assert s["steps"] == 12 and s["evals"] == len(dev) == 3  # a dev evaluation every 4 steps
+    assert s["dev_first"] == dev[0] and s["dev_last"] == dev[-1] and s["dev_peak"][1] == max(d[1] for d in dev)
+    assert s["loss_last"] <= s["loss_first"] == rows[0]["fitness_best"]
+    assert white_box_curves.main([campaign.results_dir]) == 0
+    test = next(r["test_score"] for r in read_results(campaign.results_dir) if r["method"] == "white_box")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| sst2 | 42 | 12 |"))
+    assert line.endswith(f"| {100 * test:.2f} |")
+    import shutil
+
+    shutil.rmtree(tmp_path / "curves" / "task=sst2" / "method=white_box")
+    with pytest.raises(SystemExit):  # a campaign without white_box cells is named, not an empty table
+        white_box_curves.main([campaign.results_dir])
+    assert "has no white_box cell" in capsys.readouterr().err
+
+
 def test_a_campaigns_outputs_hold_no_path_of_the_machine_that_ran_it(finished, campaign_data, tmp_path):
     import yaml
 
