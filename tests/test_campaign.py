@@ -284,6 +284,7 @@ def test_a_gdfo_cells_curve_keeps_rho_and_its_candidates_rank_for_the_rank_bench
 def test_the_white_box_benchmark_reads_train_loss_and_dev_peak_from_the_curve(
         local_ray, tiny_models, campaign_data, tmp_path, capsys, monkeypatch):
     import pathlib
+    import shutil
 
     campaign = _campaign(tmp_path, tiny_models, campaign_data, tasks=("sst2",), methods=("white_box", "bbt"),
                          seeds=(42,), budget=12)
@@ -291,8 +292,9 @@ def test_the_white_box_benchmark_reads_train_loss_and_dev_peak_from_the_curve(
     monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "benchmarks"))
     import white_box_curves
 
-    assert list(white_box_curves.curves(campaign.results_dir)) == [("sst2", 42)]  # bbt's curve is not read
-    rows = white_box_curves.curves(campaign.results_dir)[("sst2", 42)]
+    found = white_box_curves.curves(campaign.results_dir)
+    assert list(found) == [("sst2", 42)]  # bbt's curve is not read
+    rows = found[("sst2", 42)]
     s = white_box_curves.summary(rows)
     dev = [(int(r["calls"]), r["dev_score"]) for r in rows if r["dev_score"] is not None]
     assert s["steps"] == 12 and s["evals"] == len(dev) == 3  # a dev evaluation every 4 steps
@@ -302,8 +304,6 @@ def test_the_white_box_benchmark_reads_train_loss_and_dev_peak_from_the_curve(
     test = next(r["test_score"] for r in read_results(campaign.results_dir) if r["method"] == "white_box")
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| sst2 | 42 | 12 |"))
     assert line.endswith(f"| {100 * test:.2f} |")
-    import shutil
-
     shutil.rmtree(tmp_path / "curves" / "task=sst2" / "method=white_box")
     with pytest.raises(SystemExit):  # a campaign without white_box cells is named, not an empty table
         white_box_curves.main([campaign.results_dir])
