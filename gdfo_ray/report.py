@@ -578,15 +578,15 @@ def _plot_ladder(rungs: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in rungs:
+        # A legend rather than labels by the points: most students sit near fidelity 0, where labels collide.
         v = r["vs_bbt"]
         y, lo, hi = 100 * v["diff"], 100 * v["lo"], 100 * v["hi"]
-        ax.errorbar([r["fidelity"]], [y], yerr=[[y - lo], [hi - y]], fmt="s" if r["oracle"] else "o", capsize=4)
-        right = r["fidelity"] > 0.6  # label leftwards near the right edge, so it stays inside the axes
-        ax.annotate(r["student"] + (" (not a black box)" if r["oracle"] else ""), (r["fidelity"], y),
-                    textcoords="offset points", xytext=(-6 if right else 6, 6), ha="right" if right else "left",
-                    fontsize=8)
+        name = r["student"].rsplit("/", 1)[-1] + (" (not a black box)" if r["oracle"] else "")
+        ax.errorbar([r["fidelity"]], [y], yerr=[[y - lo], [hi - y]], fmt="s" if r["oracle"] else "o", capsize=4,
+                    label=f"{name}: {y:+.2f}")
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.margins(x=0.1)
+    ax.legend(fontsize=8, loc="best")
     ax.set(xlabel="median fidelity of the student (Spearman)", ylabel="gdfo − bbt, test points (95% CI)",
            title="gdfo − bbt against the student's fidelity")
     fig.tight_layout()
