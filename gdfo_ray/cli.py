@@ -40,7 +40,7 @@ class _Run(_BaseCommand):
         parser.add_argument("--teacher", help="HF model id or local path of the black-box teacher, the URL of a "
                             "service (gdfo serve; its token comes from $GDFO_TEACHER_TOKEN), or a .npz of answers "
                             "recorded with --set model.record_answers=FILE, played back")
-        parser.add_argument("--student", help="HF model id or local path of the student, or oracle, sibling:K, gp")
+        parser.add_argument("--student", help="HF model id or local path of the student, or oracle, oracle:S, sibling:K, gp")
         parser.add_argument("--budget", type=int, help="black-box calls on the train batch")
         parser.add_argument("--seed", type=int)
         parser.add_argument("--data-dir", help="BBT-layout data root (default: $GDFO_DATA_DIR, else the HF Hub)")

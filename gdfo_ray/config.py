@@ -48,7 +48,7 @@ def label_settings(label: str) -> dict:
 
 RUN_LABELS = METHODS + tuple(run_label("gdfo", c) for c in CONTROLS[1:])
 # Students that are not a model id of their own (model.student): see StudentSpec.
-STUDENT_KINDS = ("oracle", "sibling:K", "gp", "<HF model id or local path>")
+STUDENT_KINDS = ("oracle", "oracle:S", "sibling:K", "gp", "<HF model id or local path>")
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,21 @@ class StudentSpec:
     """What ``model.student`` names, parsed once.
 
     ``oracle``: the teacher's own weights reading the teacher's own projection, frozen, so
-    the gradient in z is exact (a diagnostic: it breaks the black-box premise).
-    ``sibling:K``: the teacher's first K blocks, its final norm and head, reading the
-    teacher's prompt embeddings and distilled like any student (an API model and a smaller
-    open model of its family). ``gp``: a Gaussian process on the per-example logits of the
-    paid answers. Anything else is a model id or path, distilled through its own projection.
+    the gradient in z is exact (a diagnostic: it breaks the black-box premise). ``oracle:S``:
+    the oracle's fitness plus a fixed random smooth function of z whose standard deviation is S
+    times the oracle's own spread over a population at the start, so that its ranking and
+    gradient degrade together: a student of set faithfulness, to fill the ladder between the
+    real students and the exact oracle (a diagnostic too). ``sibling:K``: the teacher's first
+    K blocks, its final norm and head, reading the teacher's prompt embeddings and distilled
+    like any student (an API model and a smaller open model of its family). ``gp``: a Gaussian
+    process on the per-example logits of the paid answers. Anything else is a model id or
+    path, distilled through its own projection.
     """
 
     kind: str  # "model", "oracle", "sibling" or "gp"
     name: str = ""  # the model id or path, for kind "model"
     layers: Optional[int] = None  # K, for kind "sibling"
+    noise: float = 0.0  # S, for kind "oracle"
 
     @property
     def reads_teacher(self) -> bool:
@@ -79,6 +84,16 @@ def parse_student(name: str) -> StudentSpec:
         raise ConfigError(f"model.student must be one of {list(STUDENT_KINDS)}, but got {name!r}.")
     if name in ("oracle", "gp"):
         return StudentSpec(name)
+    if name.startswith("oracle:"):
+        amplitude = name.partition(":")[2]
+        try:
+            noise = float(amplitude)
+        except ValueError:
+            noise = -1.0
+        if not math.isfinite(noise) or noise < 0:
+            raise ConfigError(f"model.student={name!r}: a noisy oracle is 'oracle:S' with S >= 0 the amplitude of "
+                              "its noise in units of the oracle's own spread, e.g. 'oracle:1.5'.")
+        return StudentSpec("oracle", noise=noise)
     if name.startswith("sibling"):
         _, sep, k = name.partition(":")
         if not sep or not k.isdigit() or int(k) < 1:
@@ -185,7 +200,7 @@ class ModelConfig:
             URL (``http://...``/``https://...``) of a black-box service (``gdfo serve``
             or any service speaking its API; see ``service``).
         student: HF model id or local path of the student (encoder, masked or causal LM), or
-            ``oracle``, ``sibling:K`` or ``gp`` (:class:`StudentSpec`). ``oracle`` and
+            ``oracle``, ``oracle:S``, ``sibling:K`` or ``gp`` (:class:`StudentSpec`). ``oracle`` and
             ``sibling:K`` load the teacher's weights, so they need a local teacher; they run in
             the teacher's ``dtype`` and ``max_rows_per_forward``, and cache the text before the
             prompt as the teacher does (``kv_cache``) unless ``student.train_body``.
@@ -638,7 +653,7 @@ class GDFOConfig:
             )
         if self.model.student_spec.kind == "oracle" and (self.student.train_body or self.student.z_shift):
             raise ConfigError(
-                "model.student='oracle' keeps the teacher frozen so that its gradient is exact, so it cannot be "
+                f"model.student={self.model.student!r} keeps the teacher frozen so that its gradient is exact, so it cannot be "
                 "combined with student.train_body=true or student.z_shift=true. Use 'sibling:K' to train a student "
                 "cut from the teacher."
             )

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from gdfo_ray.campaign import read_results
-from gdfo_ray.config import run_label
+from gdfo_ray.config import parse_student, run_label
 from gdfo_ray.exceptions import GDFOError
 
 TASK_ORDER = ("sst2", "yelp_polarity", "ag_news", "dbpedia", "mrpc", "snli", "rte")
@@ -349,12 +349,13 @@ def plot_curves(rows: list[dict], curves: list[dict], out_dir: str) -> list[str]
     return paths
 
 
-ORACLE_NOTE = "student = oracle: the black box's own weights, a diagnostic that breaks the black-box premise"
+ORACLE_NOTE = ("student = oracle (oracle:S: with noise of set amplitude): the black box's own weights, a diagnostic "
+               "that breaks the black-box premise")
 
 
 def _oracle(row: dict) -> bool:
     config = json.loads(row["config_json"])
-    return config["method"] in ("kd", "gdfo") and config["model"]["student"] == "oracle"
+    return config["method"] in ("kd", "gdfo") and parse_student(config["model"]["student"]).kind == "oracle"
 
 
 def _setting(rows: list[dict]) -> str:
@@ -489,7 +490,7 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
         vs_bbt = paired_differences(rows, "gdfo", "bbt", n_boot)
         if vs_bbt is None:
             raise GDFOError(f"{folder} has no bbt cell sharing a task and seed with its gdfo cells.")
-        rungs.append({"dir": folder, "student": students[0], "oracle": students[0] == "oracle",
+        rungs.append({"dir": folder, "student": students[0], "oracle": parse_student(students[0]).kind == "oracle",
                       "fidelity": float(np.median(fids)) if fids else float("nan"), "cells": vs_bbt["cells"],
                       "seeds": sorted({int(r["seed"]) for r in gdfo}), "vs_bbt": vs_bbt,
                       "vs_random": paired_differences(rows if own_control else rows + shared_control, "gdfo",

@@ -23,7 +23,27 @@ from gdfo_ray.replay import DistillBatch, ReplayBuffer
 from gdfo_ray.student_group import StudentGroup
 from gdfo_ray.tasks import TaskData
 
-__all__ = ["DistillBatch", "GPStudent", "ReplayBuffer", "StudentGroup", "StudentModel", "StudentTrainer", "make_student"]
+__all__ = ["DistillBatch", "GPStudent", "ReplayBuffer", "SmoothField", "StudentGroup", "StudentModel", "StudentTrainer",
+           "make_student"]
+
+
+class SmoothField:
+    """A fixed random smooth function of z with unit variance: random Fourier features of an RBF kernel.
+
+    Its covariance between two points at distance r is about ``exp(-r^2 / (2 length^2))``, so
+    values a population's width apart are partly independent, as a poor student's errors are,
+    while its gradient is exact for the function it is. ``oracle:S`` adds it to the oracle.
+    """
+
+    def __init__(self, dim: int, length: float, seed: int, n_features: int = 512, device: Optional[torch.device] = None):
+        gen = torch.Generator().manual_seed(seed)
+        self.W = (torch.randn(n_features, dim, generator=gen, dtype=torch.float64) / length).float().to(device)
+        self.b = (torch.rand(n_features, generator=gen, dtype=torch.float64) * 2 * np.pi).float().to(device)
+        self.norm = float(np.sqrt(2.0 / n_features))
+
+    def __call__(self, Z: torch.Tensor) -> torch.Tensor:
+        """Values (k,) at candidates ``Z`` (k, d)."""
+        return self.norm * torch.cos(Z.to(self.W.dtype) @ self.W.T + self.b).sum(-1)
 
 
 class StudentModel(nn.Module):
@@ -131,6 +151,16 @@ class StudentTrainer:
             {"params": projection, "lr": config.student.projection_lr},
             {"params": rest, "lr": config.student.lr},
         ]) if self.params else None
+        # oracle:S: the noise's length is the initial population's scale (sigma0 sqrt(d)), so it varies across a
+        # population as the fitness does; its amplitude, S times the oracle's spread over probes drawn as the first
+        # population is, is measured on first use (the same in every worker and after a restart).
+        spec, d = self.model.spec, config.prompt.intrinsic_dim
+        self.noise = SmoothField(d, config.search.sigma0 * np.sqrt(d), config.seeds.student_init,
+                                 device=self.device) if spec.kind == "oracle" and spec.noise > 0 else None
+        self._noise_scale: Optional[float] = None
+        self._probes = (config.search.sigma0 * torch.randn(
+            config.search.resolved_popsize(d), d, generator=torch.Generator().manual_seed(config.seeds.student_init)
+        )).to(self.device) if self.noise is not None else None
 
     def set_prompt_space(self, A: np.ndarray, P0: np.ndarray) -> None:
         """The run's (teacher's) prompt space; only students cut from the teacher read it."""
@@ -156,7 +186,18 @@ class StudentTrainer:
         k, b = Z.shape[0], len(rows)
         logits = self.model(Z.repeat_interleave(b, dim=0), np.tile(rows, k), "train").view(k, b, -1)
         labels = self.train_labels[host_tensor(rows, self.device)].expand(k, -1)
-        return task_loss(logits, labels, self.loss_name)
+        fitness = task_loss(logits, labels, self.loss_name)
+        if self.noise is None:
+            return fitness
+        if self._noise_scale is None:
+            noise, self.noise = self.noise, None  # the probes are scored by the exact oracle
+            try:
+                with torch.no_grad():
+                    spread = self._population_fitness(self._probes, np.arange(self.n_train)).std().item()
+            finally:
+                self.noise = noise
+            self._noise_scale = self.model.spec.noise * spread
+        return fitness + self._noise_scale * self.noise(Z)
 
     def compute_grads(self, batch: DistillBatch) -> tuple[float, list[np.ndarray]]:
         """Loss and gradients of one shard (data-parallel workers average these)."""

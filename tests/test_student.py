@@ -11,7 +11,8 @@ from gdfo_ray import ConfigError
 from gdfo_ray.api import build_space, run
 from gdfo_ray.config import parse_student
 from gdfo_ray.losses import fitness
-from gdfo_ray.student import DistillBatch, GPStudent, StudentTrainer, make_student
+from gdfo_ray.metrics import spearman
+from gdfo_ray.student import DistillBatch, GPStudent, SmoothField, StudentTrainer, make_student
 from gdfo_ray.tasks import load_task
 from gdfo_ray.teacher import TeacherPool, make_teacher
 
@@ -23,12 +24,19 @@ def _teacher_and_space(config, student):
     return data, teacher, space
 
 
-@pytest.mark.parametrize("name, kind, layers", [("oracle", "oracle", None), ("gp", "gp", None),
-                                                ("sibling:3", "sibling", 3), ("org/model", "model", None)])
-def test_student_names_parse(name, kind, layers):
+@pytest.mark.parametrize("name, kind, layers, noise", [
+    ("oracle", "oracle", None, 0.0), ("oracle:1.5", "oracle", None, 1.5), ("oracle:0", "oracle", None, 0.0),
+    ("gp", "gp", None, 0.0), ("sibling:3", "sibling", 3, 0.0), ("org/model", "model", None, 0.0)])
+def test_student_names_parse(name, kind, layers, noise):
     spec = parse_student(name)
-    assert (spec.kind, spec.layers) == (kind, layers)
+    assert (spec.kind, spec.layers, spec.noise) == (kind, layers, noise)
     assert spec.reads_teacher == (kind in ("oracle", "sibling"))
+
+
+@pytest.mark.parametrize("bad", ["oracle:", "oracle:x", "oracle:-1", "oracle:nan", "oracle:inf"])
+def test_a_bad_oracle_noise_is_refused_naming_the_form(tiny_config, bad):
+    with pytest.raises(ConfigError, match=r"model.student=.*'oracle:S'"):
+        tiny_config(**{"model.student": bad})
 
 
 @pytest.mark.parametrize("bad", ["sibling", "sibling:", "sibling:0", "sibling:x", "sibling:-2"])
@@ -77,6 +85,47 @@ def test_oracle_gradient_is_the_teachers_exact_gradient_and_it_ranks_like_the_te
     batch = DistillBatch(Z[:4], rows[:4], np.zeros((4, 2), np.float32), data.train.label[:4])
     assert np.isnan(oracle.train_steps([batch]))
     np.testing.assert_array_equal(oracle.grad_z(z)[1], before)
+
+
+def test_a_smooth_field_has_unit_variance_and_forgets_beyond_its_length():
+    field = SmoothField(dim=20, length=3.0, seed=0, n_features=4096)
+    rng = np.random.default_rng(0)
+    X = torch.as_tensor(rng.normal(size=(2000, 20)) * 10, dtype=torch.float32)
+    values = field(X).numpy()
+    assert values.std() == pytest.approx(1.0, abs=0.1)
+    u = torch.as_tensor(rng.normal(size=(2000, 20)), dtype=torch.float32)
+    near = field(X + 0.1 * u / u.norm(dim=1, keepdim=True)).numpy()
+    far = field(X + 6.0 * u / u.norm(dim=1, keepdim=True)).numpy()  # exp(-36/18) = 0.14
+    assert np.corrcoef(values, near)[0, 1] > 0.99
+    assert abs(np.corrcoef(values, far)[0, 1] - np.exp(-2)) < 0.1
+
+
+def test_a_noisy_oracle_ranks_worse_as_its_noise_grows_and_its_gradient_is_its_own(tiny_config):
+    Z = np.random.default_rng(4).normal(size=(40, 8))
+    z = Z[0]
+    ranks, fitnesses = {}, {}
+    for name in ("oracle", "oracle:0.3", "oracle:3"):
+        config = tiny_config(**{"model.student": name})
+        student = make_student(config, load_task(config.task, config.seed))
+        data, teacher, space = _teacher_and_space(config, student)
+        rows = np.arange(len(data.train))
+        exact = fitness(teacher.query(space.project(Z), "train", rows), data.train.label, "ce")
+        fitnesses[name] = student.predict_fitness(Z, rows)
+        ranks[name] = spearman(fitnesses[name], exact)
+        # Ranking and gradient come from one function: the derivative it claims is the one its fitness has.
+        loss, grad = student.grad_z(z)
+        assert loss == pytest.approx(float(student.predict_fitness(z[None], rows)[0]), rel=1e-5)
+        u, eps = grad / np.linalg.norm(grad), 1e-3
+        plus, minus = student.predict_fitness(np.stack([z + eps * u, z - eps * u]), rows)
+        assert (plus - minus) / (2 * eps) == pytest.approx(float(np.linalg.norm(grad)), rel=5e-2)
+    assert ranks["oracle"] == pytest.approx(1.0)
+    assert ranks["oracle"] > ranks["oracle:0.3"] > ranks["oracle:3"]
+    assert ranks["oracle:0.3"] > 0.8 and ranks["oracle:3"] < 0.7
+    # The noise is fixed by the run's seed: a second student of the same config predicts the same.
+    config = tiny_config(**{"model.student": "oracle:3"})
+    again = make_student(config, load_task(config.task, config.seed))
+    _teacher_and_space(config, again)
+    np.testing.assert_allclose(again.predict_fitness(Z), fitnesses["oracle:3"], rtol=1e-5)
 
 
 def test_a_sibling_starts_as_the_teachers_first_blocks_and_distils_its_projection_and_head(tiny_config, tiny_models):
