@@ -57,10 +57,11 @@ class StudentSpec:
 
     ``oracle``: the teacher's own weights reading the teacher's own projection, frozen, so
     the gradient in z is exact (a diagnostic: it breaks the black-box premise). ``oracle:S``:
-    the oracle's fitness plus a fixed random smooth function of z whose standard deviation is S
-    times the oracle's own spread over a population at the start, so that its ranking and
-    gradient degrade together: a student of set faithfulness, to fill the ladder between the
-    real students and the exact oracle (a diagnostic too). ``sibling:K``: the teacher's first
+    the oracle's fitness plus a fixed random smooth function of z, scaled on each population
+    it ranks to S times the oracle's own spread there, so that its ranking and gradient degrade
+    together and stay so as the search narrows: a student of set faithfulness (a Spearman near
+    1/sqrt(1 + S^2)), to fill the ladder between the real students and the exact oracle (a
+    diagnostic too). ``sibling:K``: the teacher's first
     K blocks, its final norm and head, reading the teacher's prompt embeddings and distilled
     like any student (an API model and a smaller open model of its family). ``gp``: a Gaussian
     process on the per-example logits of the paid answers. Anything else is a model id or

@@ -151,16 +151,16 @@ class StudentTrainer:
             {"params": projection, "lr": config.student.projection_lr},
             {"params": rest, "lr": config.student.lr},
         ]) if self.params else None
-        # oracle:S: the noise's length is the initial population's scale (sigma0 sqrt(d)), so it varies across a
-        # population as the fitness does; its amplitude, S times the oracle's spread over probes drawn as the first
-        # population is, is measured on first use (the same in every worker and after a restart).
+        # oracle:S: the noise's length is the first population's scale (sigma0 sqrt(d)). Its amplitude follows the
+        # search: each population the student ranks sets it to S times the oracle's spread there over the field's, so
+        # the faithfulness holds as the search narrows and the fitness flattens (a fixed amplitude let the noise
+        # swamp the oracle within ten generations). Before any population, probes drawn as the first one is set it.
         spec, d = self.model.spec, config.prompt.intrinsic_dim
         self.noise = SmoothField(d, config.search.sigma0 * np.sqrt(d), config.seeds.student_init,
                                  device=self.device) if spec.kind == "oracle" and spec.noise > 0 else None
-        self._noise_scale: Optional[float] = None
-        self._probes = (config.search.sigma0 * torch.randn(
-            config.search.resolved_popsize(d), d, generator=torch.Generator().manual_seed(config.seeds.student_init)
-        )).to(self.device) if self.noise is not None else None
+        self.noise_scale: Optional[float] = None
+        self._probes = config.search.sigma0 * np.random.default_rng(config.seeds.student_init).standard_normal(
+            (config.search.resolved_popsize(d), d)) if self.noise is not None else None
 
     def set_prompt_space(self, A: np.ndarray, P0: np.ndarray) -> None:
         """The run's (teacher's) prompt space; only students cut from the teacher read it."""
@@ -182,22 +182,27 @@ class StudentTrainer:
             loss = loss + self.config.rank_weight * pairwise_rank_loss(predicted, target)
         return loss
 
-    def _population_fitness(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    def _exact_fitness(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         k, b = Z.shape[0], len(rows)
         logits = self.model(Z.repeat_interleave(b, dim=0), np.tile(rows, k), "train").view(k, b, -1)
         labels = self.train_labels[host_tensor(rows, self.device)].expand(k, -1)
-        fitness = task_loss(logits, labels, self.loss_name)
+        return task_loss(logits, labels, self.loss_name)
+
+    def _population_fitness(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        fitness = self._exact_fitness(Z, rows)
         if self.noise is None:
             return fitness
-        if self._noise_scale is None:
-            noise, self.noise = self.noise, None  # the probes are scored by the exact oracle
-            try:
-                with torch.no_grad():
-                    spread = self._population_fitness(self._probes, np.arange(self.n_train)).std().item()
-            finally:
-                self.noise = noise
-            self._noise_scale = self.model.spec.noise * spread
-        return fitness + self._noise_scale * self.noise(Z)
+        if self.noise_scale is None:
+            self._rescale_noise(self._z(self._probes), np.arange(self.n_train))
+        return fitness + self.noise_scale * self.noise(Z)
+
+    def _rescale_noise(self, Z: torch.Tensor, rows: np.ndarray, exact: Optional[torch.Tensor] = None) -> None:
+        """oracle:S's amplitude: S times the oracle's spread over the population ``Z``, over the field's."""
+        with torch.no_grad():
+            exact = self._exact_fitness(Z, rows) if exact is None else exact
+            field = self.noise(Z).std().item()
+            if field > 0 or self.noise_scale is None:
+                self.noise_scale = self.model.spec.noise * exact.std().item() / max(field, 1e-12)
 
     def compute_grads(self, batch: DistillBatch) -> tuple[float, list[np.ndarray]]:
         """Loss and gradients of one shard (data-parallel workers average these)."""
@@ -227,10 +232,19 @@ class StudentTrainer:
         return float(np.mean(losses)) if losses else float("nan")
 
     def predict_fitness(self, Z: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
-        """The student's fitness of each candidate on train ``rows`` (default: all), for fidelity."""
+        """The student's fitness of each candidate on train ``rows`` (default: all), for fidelity.
+
+        oracle:S first rescales its noise to this population (its ``noise_scale``, which the next
+        gradient uses too): every population the search asks about is one it ranks with the same faithfulness.
+        """
         rows = np.arange(self.n_train) if rows is None else np.asarray(rows)
         with torch.no_grad():
-            return self._population_fitness(self._z(Z), rows).cpu().numpy()
+            Zt = self._z(Z)
+            if self.noise is None or len(Zt) < 2:
+                return self._population_fitness(Zt, rows).cpu().numpy()
+            exact = self._exact_fitness(Zt, rows)
+            self._rescale_noise(Zt, rows, exact)
+            return (exact + self.noise_scale * self.noise(Zt)).cpu().numpy()
 
     def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         """Task loss at z on the train batch and its gradient in z (docs/method.md step 5's g)."""
@@ -252,7 +266,8 @@ class StudentTrainer:
         optimizer = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
         # The teacher's projection travels with the weights: a restarted worker of a student that keeps it
         # frozen (the oracle) has it in no weight.
-        return {"model": weights, "optimizer": optimizer, "prompt_space": self.model.teacher_space}
+        return {"model": weights, "optimizer": optimizer, "prompt_space": self.model.teacher_space,
+                "noise_scale": self.noise_scale}
 
     def load_state(self, state: dict) -> None:
         missing = set(state["model"]) - {k for k, v in self.model.named_parameters() if v.requires_grad}
@@ -260,6 +275,7 @@ class StudentTrainer:
             raise ValueError(f"Student checkpoint has weights this student does not train: {sorted(missing)}.")
         if state.get("prompt_space") is not None:
             self.model.set_prompt_space(*state["prompt_space"])
+        self.noise_scale = state.get("noise_scale")
         self.model.load_state_dict(state["model"], strict=False)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
