@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -14,10 +16,34 @@ from gdfo_ray.exceptions import GDFOError
 log = logging.getLogger("gdfo_ray")
 
 
-def _parse_value(text: str):
+@functools.cache
+def _yaml_loader() -> type:
+    """YAML's safe loader with YAML 1.2's booleans: only true and false.
+
+    YAML 1.1 also reads on/off/yes/no as booleans, so ``gate: off`` (a word of the config) reached
+    it as False and failed as a bad value.
+    """
     import yaml
 
-    return yaml.safe_load(text)
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Loader
+
+
+def load_yaml(stream):
+    """A config's YAML (a file or text), read as :func:`_yaml_loader` says."""
+    import yaml
+
+    return yaml.load(stream, Loader=_yaml_loader())
+
+
+def _parse_value(text: str):
+    return load_yaml(text)
 
 
 class _BaseCommand:
@@ -89,7 +115,7 @@ def read_config_file(path: str) -> dict:
 
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f) or {}
     except (OSError, yaml.YAMLError) as e:
         raise GDFOError(f"Cannot read config file {path!r}: {e}") from e
     if not isinstance(data, dict):

@@ -27,6 +27,23 @@ def test_unreadable_config_file_is_a_clear_error(tmp_path, capsys):
     assert "must hold a mapping" in capsys.readouterr().err
 
 
+def test_words_yaml_1_1_reads_as_booleans_stay_words_in_sets_and_config_files(tmp_path):
+    from gdfo_ray.cli import parse_sets, read_config_file
+
+    sets = parse_sets(["harmonize.gate=off", "harmonize.keep_sigma=true", "x=no", "y=False", "z=3", "w=oracle:1"])
+    assert sets == {"harmonize.gate": "off", "harmonize.keep_sigma": True, "x": "no", "y": False, "z": 3,
+                    "w": "oracle:1"}
+    path = tmp_path / "c.yaml"
+    path.write_text("harmonize:\n  gate: off\n  keep_sigma: yes\n")
+    assert read_config_file(str(path)) == {"harmonize": {"gate": "off", "keep_sigma": "yes"}}
+
+
+def test_an_off_gate_and_a_yes_for_a_switch_reach_the_config_as_written(tmp_path, capsys):
+    assert main(["run", "--method", "bbt", "--set", "harmonize.gate=off", "--set", "harmonize.keep_sigma=yes",
+                 "--output-dir", str(tmp_path / "o")]) == 1
+    assert "harmonize.keep_sigma must be true or false, but got 'yes'" in capsys.readouterr().err
+
+
 def test_config_file_with_overrides(tmp_path, tiny_config, capsys):
     import yaml
 
