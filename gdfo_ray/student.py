@@ -201,8 +201,10 @@ class StudentTrainer:
         with torch.no_grad():
             exact = self._exact_fitness(Z, rows) if exact is None else exact
             field = self.noise(Z).std().item()
-            if field > 0 or self.noise_scale is None:
-                self.noise_scale = self.model.spec.noise * exact.std().item() / max(field, 1e-12)
+            if field > 0:
+                self.noise_scale = self.model.spec.noise * exact.std().item() / field
+            elif self.noise_scale is None:  # a population of one point repeated: nothing to scale to
+                self.noise_scale = 0.0
 
     def compute_grads(self, batch: DistillBatch) -> tuple[float, list[np.ndarray]]:
         """Loss and gradients of one shard (data-parallel workers average these)."""
