@@ -222,7 +222,7 @@ def test_gp_keeps_only_the_newest_answers(tiny_config):
     np.testing.assert_array_equal(gp.state()["X"], Z[2:])
 
 
-@pytest.mark.parametrize("student", ["oracle", "sibling:1", "gp"])
+@pytest.mark.parametrize("student", ["oracle", "oracle:1", "sibling:1", "gp"])
 def test_gdfo_runs_with_every_student_and_resumes_after_a_crash(tiny_config, tmp_path, crash_after, student):
     full = run(tiny_config(output_dir=str(tmp_path / "full"), **{"model.student": student}), progress=None)
     summary = json.load(open(os.path.join(full.output_dir, "summary.json")))

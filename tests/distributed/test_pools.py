@@ -74,9 +74,10 @@ def _drive(config, data, kill_at=None):
         release_ray_pools(teacher, student)
 
 
-@pytest.mark.parametrize("student", [None, "oracle", "gp"])
+@pytest.mark.parametrize("student", [None, "oracle", "oracle:1", "gp"])
 def test_a_run_whose_actors_die_ends_as_an_uninterrupted_run(local_ray, tiny_config, student):
-    # A restarted oracle gets the teacher's prompt space back, a restarted GP the answers it had.
+    # A restarted oracle gets the teacher's prompt space back (oracle:S its noise's amplitude too), a restarted GP
+    # the answers it had.
     from gdfo_ray.tasks import load_task
 
     config = tiny_config(**{"pool.backend": "ray", "pool.n_teacher_actors": 2, "pool.teacher_num_cpus": 0.5,
