@@ -59,13 +59,14 @@ class StudentSpec:
     the gradient in z is exact (a diagnostic: it breaks the black-box premise). ``oracle:S``:
     the oracle's fitness plus a fixed random smooth function of z, scaled on each population
     it ranks to S times the oracle's own spread there, so that its ranking and gradient degrade
-    together and stay so as the search narrows: a student of set faithfulness (a Spearman near
-    1/sqrt(1 + S^2)), to fill the ladder between the real students and the exact oracle (a
-    diagnostic too). ``sibling:K``: the teacher's first
-    K blocks, its final norm and head, reading the teacher's prompt embeddings and distilled
-    like any student (an API model and a smaller open model of its family). ``gp``: a Gaussian
-    process on the per-example logits of the paid answers. Anything else is a model id or
-    path, distilled through its own projection.
+    together and stay so as the search narrows: a student of set faithfulness, to fill the
+    ladder between the real students and the exact oracle (a diagnostic too). On CMA-ES's own
+    populations it ranks a little under 1/sqrt(1 + S^2); in a gdfo run higher, as its gradient
+    candidate descends the oracle and the noise together (benchmarks/oracle_noise.py).
+    ``sibling:K``: the teacher's first K blocks, its final norm and head, reading the teacher's
+    prompt embeddings and distilled like any student (an API model and a smaller open model
+    of its family). ``gp``: a Gaussian process on the per-example logits of the paid answers.
+    Anything else is a model id or path, distilled through its own projection.
     """
 
     kind: str  # "model", "oracle", "sibling" or "gp"
