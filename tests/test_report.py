@@ -126,3 +126,14 @@ def test_report_says_how_many_test_rows_each_task_scored_and_which_were_sampled(
     assert _test_rows(rows) == ("test rows scored: SST-2 3 (all); AG News 5 "
                                 "(a seeded sample of the test set per seed: task.max_test_examples)")
     assert _test_rows([{**rows[0], "test_label": None}]) == "test rows per task at most 5"
+
+
+@pytest.mark.parametrize("student, method, flagged", [("oracle", "gdfo", True), ("oracle:1.5", "gdfo", True),
+                                                      ("oracle:1.5", "kd", True), ("sibling:4", "gdfo", False),
+                                                      ("gp", "gdfo", False), ("oracle", "bbt", False)])
+def test_every_oracle_but_no_other_student_is_flagged_as_not_a_black_box(student, method, flagged):
+    import json
+
+    from gdfo_ray.report import _oracle
+
+    assert _oracle({"config_json": json.dumps({"method": method, "model": {"student": student}})}) is flagged
