@@ -42,10 +42,6 @@ def load_yaml(stream):
     return yaml.load(stream, Loader=_yaml_loader())
 
 
-def _parse_value(text: str):
-    return load_yaml(text)
-
-
 class _BaseCommand:
     help = ""
 
@@ -130,7 +126,7 @@ def parse_sets(items: Sequence[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise GDFOError(f"--set expects KEY=VALUE, but got {item!r}.")
-        overrides[key.strip()] = _parse_value(value)
+        overrides[key.strip()] = load_yaml(value)
     return overrides
 
 

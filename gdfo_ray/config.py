@@ -655,9 +655,9 @@ class GDFOConfig:
             )
         if self.model.student_spec.kind == "oracle" and (self.student.train_body or self.student.z_shift):
             raise ConfigError(
-                f"model.student={self.model.student!r} keeps the teacher frozen so that its gradient is exact, so it cannot be "
-                "combined with student.train_body=true or student.z_shift=true. Use 'sibling:K' to train a student "
-                "cut from the teacher."
+                f"model.student={self.model.student!r} keeps the teacher frozen so that its gradient is exact, so it "
+                "cannot be combined with student.train_body=true or student.z_shift=true. Use 'sibling:K' to train a "
+                "student cut from the teacher."
             )
         popsize = self.search.resolved_popsize(self.prompt.intrinsic_dim)
         if self.harmonize.n_candidates >= popsize:

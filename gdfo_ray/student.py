@@ -188,23 +188,26 @@ class StudentTrainer:
         labels = self.train_labels[host_tensor(rows, self.device)].expand(k, -1)
         return task_loss(logits, labels, self.loss_name)
 
-    def _population_fitness(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    def _population_fitness(self, Z: torch.Tensor, rows: np.ndarray, rescale: bool = False) -> torch.Tensor:
+        """Fitness of candidates ``Z``; oracle:S's noise is first rescaled to ``Z`` when ``rescale``."""
         fitness = self._exact_fitness(Z, rows)
         if self.noise is None:
             return fitness
-        if self.noise_scale is None:
-            self._rescale_noise(self._z(self._probes), np.arange(self.n_train))
+        if rescale:
+            self._rescale_noise(Z, fitness)
+        elif self.noise_scale is None:
+            with torch.no_grad():
+                probes = self._z(self._probes)
+                self._rescale_noise(probes, self._exact_fitness(probes, np.arange(self.n_train)))
         return fitness + self.noise_scale * self.noise(Z)
 
-    def _rescale_noise(self, Z: torch.Tensor, rows: np.ndarray, exact: Optional[torch.Tensor] = None) -> None:
-        """oracle:S's amplitude: S times the oracle's spread over the population ``Z``, over the field's."""
-        with torch.no_grad():
-            exact = self._exact_fitness(Z, rows) if exact is None else exact
-            field = self.noise(Z).std().item()
-            if field > 0:
-                self.noise_scale = self.model.spec.noise * exact.std().item() / field
-            elif self.noise_scale is None:  # a population of one point repeated: nothing to scale to
-                self.noise_scale = 0.0
+    def _rescale_noise(self, Z: torch.Tensor, exact: torch.Tensor) -> None:
+        """oracle:S's amplitude: S times the oracle's spread ``exact`` over the population ``Z``, over the field's."""
+        field = self.noise(Z).std().item()
+        if field > 0:
+            self.noise_scale = self.model.spec.noise * exact.std().item() / field
+        elif self.noise_scale is None:  # a population of one point repeated: nothing to scale to
+            self.noise_scale = 0.0
 
     def compute_grads(self, batch: DistillBatch) -> tuple[float, list[np.ndarray]]:
         """Loss and gradients of one shard (data-parallel workers average these)."""
@@ -241,12 +244,7 @@ class StudentTrainer:
         """
         rows = np.arange(self.n_train) if rows is None else np.asarray(rows)
         with torch.no_grad():
-            Zt = self._z(Z)
-            if self.noise is None or len(Zt) < 2:
-                return self._population_fitness(Zt, rows).cpu().numpy()
-            exact = self._exact_fitness(Zt, rows)
-            self._rescale_noise(Zt, rows, exact)
-            return (exact + self.noise_scale * self.noise(Zt)).cpu().numpy()
+            return self._population_fitness(self._z(Z), rows, rescale=len(Z) > 1).cpu().numpy()
 
     def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         """Task loss at z on the train batch and its gradient in z (docs/method.md step 5's g)."""
