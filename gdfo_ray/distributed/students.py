@@ -9,7 +9,7 @@ from typing import Any, Optional
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from gdfo_ray.config import GDFOConfig
+from gdfo_ray.config import GDFOConfig, parse_student
 from gdfo_ray.distributed.cluster import student_gpus
 from gdfo_ray.exceptions import GDFOError
 from gdfo_ray.student_group import StudentGroup
@@ -60,12 +60,16 @@ class RayStudentGroup(StudentGroup):
     After every completed distillation it keeps the weights and optimizer state
     (small: the projection and the head). A call that fails because a worker died,
     or reaches a restarted worker, restores every worker to that state and runs
-    again, so the result equals an uninterrupted run.
+    again, so the result equals an uninterrupted run. A student whose prediction changes
+    it (``predict_mutates``: oracle:S rescales its noise to each population it ranks) is
+    kept after every prediction too, or a worker dead before the next gradient would
+    come back with the amplitude of the population before.
     """
 
-    def __init__(self, workers: list, max_recoveries: int, data_ref: Any = None):
+    def __init__(self, workers: list, max_recoveries: int, data_ref: Any = None, predict_mutates: bool = False):
         self._index = {id(w): i for i, w in enumerate(workers)}
         self.max_recoveries = max_recoveries
+        self.predict_mutates = predict_mutates
         self.recoveries = 0
         self._snapshot: Optional[dict] = None
         self.data_ref = data_ref  # the task data, from which a restarted worker rebuilds its trainer
@@ -106,7 +110,7 @@ class RayStudentGroup(StudentGroup):
         return self._recovering(super().distill, batches, mutates=True)
 
     def predict_fitness(self, Z, rows=None):
-        return self._recovering(super().predict_fitness, Z, rows)
+        return self._recovering(super().predict_fitness, Z, rows, mutates=self.predict_mutates)
 
     def observe(self, Z, logits, rows) -> None:
         self._recovering(super().observe, Z, logits, rows, mutates=True)
@@ -133,4 +137,6 @@ def make_ray_student_group(config: GDFOConfig, data: TaskData) -> RayStudentGrou
     cls = ray.remote(StudentWorker).options(num_cpus=p.student_num_cpus, num_gpus=student_gpus(p),
                                             max_restarts=p.max_actor_restarts)
     workers = [cls.remote(config) for _ in range(p.n_student_workers)]
-    return RayStudentGroup(workers, max_recoveries=p.max_actor_restarts, data_ref=ray.put(data))
+    spec = parse_student(config.model.student)
+    return RayStudentGroup(workers, max_recoveries=p.max_actor_restarts, data_ref=ray.put(data),
+                           predict_mutates=spec.kind == "oracle" and spec.noise > 0)

@@ -37,3 +37,48 @@ def test_data_parallel_students_average_gradients(local_ray, tiny_config):
     for worker_state in ray.get([w.run.remote(i, "state") for w, i in zip(pair.workers, incarnations)]):
         for key in a:
             np.testing.assert_allclose(worker_state["model"][key].numpy(), a[key].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _wait_until_restarted(group, timeout_s: float = 60.0) -> None:
+    """ray.kill returns before the actor dies: wait until its old incarnation no longer answers."""
+    import time
+
+    incarnation, deadline = group._incarnations[0], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(group.workers[0].run.remote(incarnation, "state"))
+        except Exception:  # dead, restarting, or restarted without its trainer: all mean it is gone
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed student worker still answered after a minute")
+
+
+def test_a_worker_dead_between_a_prediction_and_a_gradient_keeps_the_noise_the_prediction_set(local_ray, tiny_config):
+    """oracle:S rescales its noise to each population it ranks; a worker restarted before the gradient that follows
+    must come back with that amplitude, not the one of the last distillation (a flaky CI run found this)."""
+    from gdfo_ray.api import build_space
+    from gdfo_ray.distributed import make_ray_student_group
+    from gdfo_ray.teacher import make_teacher
+    from gdfo_ray.tasks import load_task
+
+    config = tiny_config(**{"pool.backend": "ray", "pool.student_num_cpus": 0.5, "pool.student_num_gpus": 0.0,
+                            "model.student": "oracle:1"})
+    data = load_task(config.task, config.seed)
+    rng = np.random.default_rng(0)
+    wide, narrow = rng.normal(size=(4, 8)), 0.01 * rng.normal(size=(4, 8))
+    teacher = make_teacher(config, data)
+    grads = []
+    for kill in (False, True):
+        group = make_ray_student_group(config, data)
+        build_space(config, teacher, group)
+        group.predict_fitness(wide)
+        group.predict_fitness(narrow)  # a much smaller amplitude than the wide population's
+        if kill:
+            ray.kill(group.workers[0], no_restart=False)
+            _wait_until_restarted(group)
+        grads.append(group.grad_z(narrow[0]))
+        assert group.recoveries == int(kill)
+        for worker in group.workers:
+            ray.kill(worker, no_restart=True)
+    np.testing.assert_allclose(grads[1][1], grads[0][1], rtol=1e-6)
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
