@@ -41,7 +41,7 @@ def run_one(out: str, noise: str, gate: str, task: str, seed: int, budget: int) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
-    p.add_argument("--noise", nargs="+", default=["1", "2"])
+    p.add_argument("--noise", nargs="+", default=["1", "2", "4"])
     p.add_argument("--gates", nargs="+", default=["rho", "off"])
     p.add_argument("--task", default="sst2")
     p.add_argument("--seed", type=int, default=21)
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    lines = [f"# Fidelity of oracle:S ({args.task}, seed {args.seed}, {args.budget} calls, commit {commit})", "",
+    lines = [f"# Fidelity of oracle:S ({args.task}, seed {args.seed}, {args.budget} calls; table written at commit {commit})", "",
              f"`python benchmarks/oracle_noise.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              "| S | update | 1/sqrt(1+S²) | median fidelity | fidelity per generation | gradient candidate first |",
              "|---|---|---|---|---|---|"]
