@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    lines = [f"# Fidelity of oracle:S ({args.task}, seed {args.seed}, {args.budget} calls; table written at commit {commit})", "",
+    lines = [f"# Fidelity of oracle:S ({args.task}, seed {args.seed}, {args.budget} calls; "
+             f"table written at commit {commit})", "",
              f"`python benchmarks/oracle_noise.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              "| S | update | 1/sqrt(1+S²) | median fidelity | fidelity per generation | gradient candidate first |",
              "|---|---|---|---|---|---|"]

@@ -508,7 +508,12 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
 
 
 def ladder_threshold(rungs: list[dict]) -> str:
-    """Where gdfo starts to pay off: the least faithful rung from which every more faithful one beats bbt."""
+    """Where gdfo starts to pay off, as a bracket of fidelity: the least faithful rung from which every more
+    faithful one beats bbt, and the most faithful one below it that does not. ``rungs`` are sorted by fidelity.
+    A rung below the bracket that beats bbt all the same is named: one threshold of fidelity does not explain it."""
+    def name(r: dict) -> str:
+        return f"{r['fidelity']:+.2f} ({r['student']})"
+
     paying = [r["vs_bbt"]["lo"] > 0 for r in rungs]
     if not any(paying):
         return "gdfo − bbt has an interval above zero at no rung: gdfo does not pay off with any of these students."
@@ -518,9 +523,17 @@ def ladder_threshold(rungs: list[dict]) -> str:
     if first == len(paying):
         return ("gdfo − bbt's interval lies above zero at some rungs but not at the most faithful one: "
                 "no threshold of fidelity separates them.")
-    rung = rungs[first]
-    return (f"gdfo − bbt's interval lies above zero from median fidelity {rung['fidelity']:+.2f} "
-            f"({rung['student']}) up: below that gdfo does not pay off.")
+    if first == 0:
+        return f"gdfo − bbt's interval lies above zero at every rung, down to median fidelity {name(rungs[0])}."
+    text = (f"gdfo − bbt's interval lies above zero from median fidelity {name(rungs[first])} up, and includes zero "
+            f"at {name(rungs[first - 1])}: the threshold lies between.")
+    exceptions = [r for r, pays in zip(rungs[:first - 1], paying) if pays]
+    if exceptions:
+        text += (" Below it, " + ", ".join(name(r) for r in exceptions) + " beat bbt all the same: fidelity alone "
+                 "does not decide.")
+    else:
+        text += " Below it gdfo does not pay off."
+    return text
 
 
 def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTSTRAP_RESAMPLES,

@@ -212,6 +212,23 @@ def test_gdfo_random_is_gdfo_with_the_random_direction_control(tiny_models, camp
         _campaign(tmp_path, tiny_models, campaign_data, methods=("gdfo_rand",))
 
 
+def test_the_ladder_states_its_threshold_as_a_bracket_of_fidelity():
+    from gdfo_ray.report import ladder_threshold
+
+    def rungs(*pairs):  # (student, fidelity, lower end of gdfo − bbt's interval), by fidelity
+        return [{"student": s, "fidelity": f, "vs_bbt": {"lo": lo}} for s, f, lo in pairs]
+
+    text = ladder_threshold(rungs(("a", 0.1, -1.0), ("b", 0.3, -0.5), ("c", 0.4, 0.2), ("d", 1.0, 0.4)))
+    assert "from median fidelity +0.40 (c) up, and includes zero at +0.30 (b)" in text
+    assert "Below it gdfo does not pay off." in text
+    text = ladder_threshold(rungs(("a", 0.1, 0.3), ("b", 0.3, -0.5), ("c", 0.4, 0.2)))
+    assert "from median fidelity +0.40 (c) up" in text and "+0.10 (a) beat bbt all the same" in text
+    text = ladder_threshold(rungs(("a", 0.1, 0.3), ("c", 0.4, 0.2)))
+    assert "at every rung, down to median fidelity +0.10 (a)" in text
+    assert "not at the most faithful one" in ladder_threshold(rungs(("a", 0.1, 0.3), ("c", 0.4, -0.2)))
+    assert "at no rung" in ladder_threshold(rungs(("a", 0.1, -0.3), ("c", 0.4, -0.2)))
+
+
 def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished, tiny_models, campaign_data, tmp_path):
     from gdfo_ray import GDFOError
     from gdfo_ray.report import ladder_report, ladder_rows, ladder_threshold
@@ -255,7 +272,7 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
     assert "gdfo − gdfo_random of gp: paired with the gdfo_random cells of `../oracle`" in text
     assert ladder_threshold(rungs) in text and os.path.exists(tmp_path / "ladder" / "ladder.png")
     pay = [{**r, "vs_bbt": {**r["vs_bbt"], "lo": lo}} for r, lo in zip(rungs, (-0.01, 0.02))]
-    assert "from median fidelity +1.00 (oracle) up" in ladder_threshold(pay)
+    assert "from median fidelity +1.00 (oracle) up, and includes zero at" in ladder_threshold(pay)
     assert "at no rung" in ladder_threshold([{**r, "vs_bbt": {**r["vs_bbt"], "lo": -0.1}} for r in rungs])
     with pytest.raises(GDFOError, match="no finished gdfo cell"):
         ladder_rows([campaign.results_dir])
