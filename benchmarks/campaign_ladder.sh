@@ -18,8 +18,12 @@
 set -euo pipefail
 ROOT=${1:-benchmarks/results}
 ORACLE=$ROOT/campaign-oracle-2026-12-05
+# gp, the one real student that beat bbt on three seeds, runs all five, as the oracle and the default student do.
 for STUDENT in sibling:24 sibling:12 sibling:4 gp oracle:4; do
-  gdfo bench --tasks sst2 ag_news rte --seeds 13 42 87 --methods manual bbt gdfo \
+  SEEDS="13 42 87"
+  if [ "$STUDENT" = gp ]; then SEEDS="13 21 42 87 100"; fi
+  # shellcheck disable=SC2086
+  gdfo bench --tasks sst2 ag_news rte --seeds $SEEDS --methods manual bbt gdfo \
       --budget 510 --results "$ROOT/ladder-${STUDENT/:/}" --cell-cpus 1 --reuse "$ORACLE" \
       --set task.prompt_placement=suffix --set task.max_test_examples=2000 \
       --set model.student="$STUDENT" --set student.k_steps=5 --set student.batch_rows=32
