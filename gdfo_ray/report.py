@@ -590,17 +590,18 @@ def _plot_ladder(rungs: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     for r in rungs:
         # A legend rather than labels by the points: most students sit near fidelity 0, where labels collide.
         v = r["vs_bbt"]
         y, lo, hi = 100 * v["diff"], 100 * v["lo"], 100 * v["hi"]
         name = r["student"].rsplit("/", 1)[-1] + (" (not a black box)" if r["oracle"] else "")
         ax.errorbar([r["fidelity"]], [y], yerr=[[y - lo], [hi - y]], fmt="s" if r["oracle"] else "o", capsize=4,
-                    label=f"{name}: {y:+.2f}")
+                    label=f"{name}, {len(r['seeds'])} seeds: {y:+.2f}")
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.margins(x=0.1)
-    ax.legend(fontsize=8, loc="best")
+    # Beside the axes: any corner inside them may hide an interval.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set(xlabel="median fidelity of the student (Spearman)", ylabel="gdfo − bbt, test points (95% CI)",
            title="gdfo − bbt against the student's fidelity")
     fig.tight_layout()
