@@ -342,7 +342,7 @@ def _write_campaign_file(campaign: CampaignConfig) -> None:
         data["reuse"] = os.path.relpath(os.path.abspath(campaign.reuse), campaign.results_dir)
     root = data_root(campaign)
     data = portable(data, {campaign.results_dir: ".", **({root: "$" + DATA_DIR_ENV} if root else {})})
-    data["commit"] = _git_commit()
+    data["commit"] = git_commit()
     runs = []
     if os.path.exists(path):  # a campaign directory may grow (more methods, seeds); keep what came before
         with open(path) as f:
@@ -353,7 +353,7 @@ def _write_campaign_file(campaign: CampaignConfig) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
     """The commit of the gdfo-ray checkout that runs the campaign (None outside a git checkout)."""
     import subprocess
 

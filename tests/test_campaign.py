@@ -271,6 +271,8 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
     assert "gdfo − bbt on the 1 cell every rung has" in text and "gdfo − bbt per task" in text
     assert "gdfo − gdfo_random of gp: paired with the gdfo_random cells of `../oracle`" in text
     assert ladder_threshold(rungs) in text and os.path.exists(tmp_path / "ladder" / "ladder.png")
+    # How to remake it, from its own folder: paths relative to it, never this machine's.
+    assert "gdfo report --ladder --control ../oracle ../oracle ../gp --out ." in text and str(tmp_path) not in text
     pay = [{**r, "vs_bbt": {**r["vs_bbt"], "lo": lo}} for r, lo in zip(rungs, (-0.01, 0.02))]
     assert "from median fidelity +1.00 (oracle) up, and includes zero at" in ladder_threshold(pay)
     assert "at no rung" in ladder_threshold([{**r, "vs_bbt": {**r["vs_bbt"], "lo": -0.1}} for r in rungs])
