@@ -7,7 +7,8 @@
 set -euo pipefail
 RESULTS=${1:-runs/campaign}
 COMMON=(--seeds 13 42 87 --budget 102 --results "$RESULTS"
-        --set task.max_test_examples=300 --set task.prompt_placement=suffix)
+        --set task.max_test_examples=300 --set task.prompt_placement=suffix
+        --set model.student=sentence-transformers/all-MiniLM-L6-v2)  # the default student when it ran
 gdfo bench --tasks sst2 yelp_polarity ag_news dbpedia mrpc snli rte --methods manual bbt gdfo "${COMMON[@]}"
 gdfo bench --tasks sst2 --methods bbtv2 gdfo_random "${COMMON[@]}"
 gdfo report "$RESULTS"

@@ -15,5 +15,6 @@ RESULTS=${1:-runs/campaign_500}
 gdfo bench --tasks sst2 ag_news rte --seeds 13 42 87 21 100 --methods manual bbt kd gdfo gdfo_random \
     --budget 510 --results "$RESULTS" --cell-cpus 1 \
     --set task.prompt_placement=suffix --set task.max_test_examples=2000 --set student.k_steps=5 --set student.batch_rows=32 \
-    --set student.max_rows_per_forward=16 --set student.text_cache=false
+    --set student.max_rows_per_forward=16 --set student.text_cache=false \
+    --set model.student=sentence-transformers/all-MiniLM-L6-v2  # the default student when it ran (now gp)
 gdfo report "$RESULTS"

@@ -3,9 +3,10 @@
 Only the standard library is used here, so a config can be built, checked and
 written (YAML/JSON) on a machine without torch or Ray, e.g. by a campaign
 planner. Defaults are the embedded defaults of ``make run``: GDFO on SST-2,
-seed 42, SmolLM2-135M-Instruct as the black box, all-MiniLM-L6-v2 as the student,
-with a budget that fits a 2-core laptop in a few minutes. The published BBT
-setting is ``intrinsic_dim=500, n_prompt_tokens=50, popsize=20, budget_calls=8000``.
+seed 42, SmolLM2-135M-Instruct as the black box, ``gp`` as the student (it needs nothing but
+the paid answers, and it is the one black-box student with which gdfo beat bbt:
+benchmarks/results/ladder-report), with a budget that fits a 2-core laptop in a few
+minutes. The published BBT setting is ``intrinsic_dim=500, n_prompt_tokens=50, popsize=20, budget_calls=8000``.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class ModelConfig:
     """
 
     teacher: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    student: str = "sentence-transformers/all-MiniLM-L6-v2"
+    student: str = "gp"
     teacher_kind: str = "auto"
     student_kind: str = "auto"
     dtype: str = "auto"
@@ -497,7 +498,8 @@ class PoolConfig:
         n_student_workers: student workers, data-parallel (gradients averaged).
         teacher_num_cpus, student_num_cpus, teacher_num_gpus, student_num_gpus: each
             actor's resource request (fractions allowed). ``student_num_gpus=None`` asks
-            for one GPU per worker when the cluster has GPUs, else none.
+            for one GPU per worker when the cluster has GPUs and the student is a network
+            (a ``gp`` student computes on the CPU), else none.
         teacher_resources: extra custom resources per teacher actor (e.g. ``{"teacher": 1}``).
         torch_threads: intra-op threads per actor; 0 uses every core of the node, since
             the teacher and student take turns rather than run together on a laptop.

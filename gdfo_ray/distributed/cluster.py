@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import ray
 
-from gdfo_ray.config import GDFOConfig, PoolConfig
+from gdfo_ray.config import GDFOConfig, PoolConfig, parse_student
 from gdfo_ray.exceptions import GDFOError
 
 NAMESPACE = "gdfo_ray"
@@ -50,7 +50,8 @@ def actor_bundles(config: GDFOConfig) -> list[dict]:
     teacher = {"CPU": p.teacher_num_cpus, "GPU": p.teacher_num_gpus, **p.teacher_resources}
     bundles = [teacher] * p.n_teacher_actors
     if config.uses_student:
-        bundles += [{"CPU": p.student_num_cpus, "GPU": student_gpus(p)}] * p.n_student_workers
+        student = {"CPU": p.student_num_cpus, "GPU": student_gpus(p, config.model.student)}
+        bundles += [student] * p.n_student_workers
     return [{k: v for k, v in b.items() if v} for b in bundles]
 
 
@@ -87,10 +88,13 @@ def check_pool_fits(config: GDFOConfig, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
-def student_gpus(pool: PoolConfig) -> float:
-    """Per-worker GPUs: as configured, else one when the cluster has any."""
+def student_gpus(pool: PoolConfig, student: str = "") -> float:
+    """Per-worker GPUs: as configured, else one when the cluster has any and the student is a network (a gp
+    student computes on the CPU, and a GPU it held would be one a teacher actor could not have)."""
     if pool.student_num_gpus is not None:
         return pool.student_num_gpus
+    if student and parse_student(student).kind == "gp":
+        return 0.0
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 

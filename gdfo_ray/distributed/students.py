@@ -134,7 +134,7 @@ class RayStudentGroup(StudentGroup):
 
 def make_ray_student_group(config: GDFOConfig, data: TaskData) -> RayStudentGroup:
     p = config.pool
-    cls = ray.remote(StudentWorker).options(num_cpus=p.student_num_cpus, num_gpus=student_gpus(p),
+    cls = ray.remote(StudentWorker).options(num_cpus=p.student_num_cpus, num_gpus=student_gpus(p, config.model.student),
                                             max_restarts=p.max_actor_restarts)
     workers = [cls.remote(config) for _ in range(p.n_student_workers)]
     spec = parse_student(config.model.student)
