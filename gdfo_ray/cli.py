@@ -171,6 +171,8 @@ class _Serve(_BaseCommand):
                             help="serve a simulated black box with this latency (s) instead of a model")
         parser.add_argument("--simulate-hidden", type=int, default=d.simulate_hidden,
                             help="hidden size of the simulated black box")
+        parser.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s, dest="shutdown_grace_s",
+                            help="seconds requests in flight may take to finish after Ctrl-C")
 
     def take_action(self, args: argparse.Namespace) -> int:
         from gdfo_ray.serve import ServeConfig, serve
@@ -178,7 +180,7 @@ class _Serve(_BaseCommand):
         fields = ("model", "host", "port", "token", "kind", "dtype", "device", "threads", "max_batch_rows",
                   "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens", "max_queue", "rate_limit",
                   "rate_burst", "rate_unit", "max_body_mb", "body_timeout_s", "idempotency_cache",
-                  "idempotency_cache_mb", "simulate_latency_s", "simulate_hidden")
+                  "idempotency_cache_mb", "simulate_latency_s", "simulate_hidden", "shutdown_grace_s")
         serve(ServeConfig(**{f: getattr(args, f) for f in fields}),
               say=lambda line: print(line, file=sys.stderr, flush=True))
         return 0

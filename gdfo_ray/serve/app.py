@@ -262,7 +262,7 @@ def build_app(config: ServeConfig, scorer, token: str, counts: Optional[collecti
     return app
 
 
-def quiet_runner(app, counts: collections.Counter):
+def quiet_runner(app, counts: collections.Counter, shutdown_grace_s: float = 30.0):
     """An AppRunner whose protocol errors (a malformed request line or header) are answered in the service's
     error format and logged on one line, with neither the bytes the client sent nor a traceback: a header
     that carries the token must not put it in a log or echo it back."""
@@ -298,4 +298,4 @@ def quiet_runner(app, counts: collections.Counter):
             server.__class__ = QuietServer  # the same server, building QuietHandlers for its connections
             return server
 
-    return QuietRunner(app, access_log=None)
+    return QuietRunner(app, access_log=None, shutdown_timeout=shutdown_grace_s)

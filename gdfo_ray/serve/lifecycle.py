@@ -53,9 +53,10 @@ def resolve_token(config: ServeConfig) -> tuple[str, bool]:
 class ServerHandle:
     """A service running in a background thread (tests, benchmarks, notebooks)."""
 
-    def __init__(self, url: str, token: str, loop, runner, thread):
+    def __init__(self, url: str, token: str, loop, runner, thread, shutdown_grace_s: float = 30.0):
         self.url, self.token = url, token
         self._loop, self._runner, self._thread = loop, runner, thread
+        self._grace = shutdown_grace_s
 
     def stats(self) -> dict:
         import requests
@@ -64,7 +65,8 @@ class ServerHandle:
                             timeout=10).json()
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+        # The grace for requests in flight, and as long again for the rest of the cleanup.
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=2 * self._grace + 30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
 
@@ -79,7 +81,7 @@ async def _start(config: ServeConfig, scorer, token: str):
     from aiohttp import web
 
     counts: collections.Counter = collections.Counter()
-    runner = quiet_runner(build_app(config, scorer, token, counts), counts)
+    runner = quiet_runner(build_app(config, scorer, token, counts), counts, config.shutdown_grace_s)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
@@ -115,7 +117,7 @@ def start_in_thread(config: ServeConfig, scorer=None) -> ServerHandle:
     ready.wait()
     if "error" in started:
         raise started["error"]
-    return ServerHandle(started["url"], token, loop, started["runner"], thread)
+    return ServerHandle(started["url"], token, loop, started["runner"], thread, config.shutdown_grace_s)
 
 
 def serve(config: ServeConfig, say=print) -> None:

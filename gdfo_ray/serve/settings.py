@@ -37,6 +37,9 @@ class ServeConfig:
         simulate_latency_s: serve a simulated black box with this fixed latency instead of a
             model (benchmarks, tests); its logits are a fixed function of prompt and text.
         simulate_hidden: the simulated model's hidden size.
+        shutdown_grace_s: on SIGINT, how long requests in flight may take to finish before
+            their connections are cut. It bounds the stop: aiohttp also waits out idle
+            keep-alive connections, for 60 s unless told otherwise.
     """
 
     model: Optional[str] = None
@@ -64,6 +67,7 @@ class ServeConfig:
     idempotency_cache_mb: float = 256.0
     simulate_latency_s: Optional[float] = None
     simulate_hidden: int = 64
+    shutdown_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.simulate_latency_s is None):
@@ -78,6 +82,7 @@ class ServeConfig:
         check_positive("max_body_mb", self.max_body_mb)
         check_positive("body_timeout_s", self.body_timeout_s)
         check_positive("idempotency_cache_mb", self.idempotency_cache_mb)
+        check_positive("shutdown_grace_s", self.shutdown_grace_s, allow_zero=True)
         if self.rate_unit not in RATE_UNITS:
             raise ConfigError(f"rate_unit must be one of {list(RATE_UNITS)}, but got {self.rate_unit!r}.")
         if self.rate_limit is not None:

@@ -161,22 +161,40 @@ def test_serve_config_is_validated():
 
 
 def test_gdfo_serve_command_starts_answers_and_stops_on_sigint(tiny_models):
+    import threading
+
     env = {**os.environ, "GDFO_SERVE_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "gdfo_ray.cli", "serve", "--model", tiny_models["causal"],
-                             "--port", "0", "--threads", "1"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--port", "0", "--threads", "1", "--shutdown-grace", "5"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    url_seen = threading.Event()
+
+    def drain() -> None:  # read all of stderr, so that the service can never block on a full pipe
+        for line in proc.stderr:
+            lines.append(line)
+            if "http://" in line:
+                url_seen.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
-        line = ""
-        deadline = time.time() + 120
-        while "http://" not in line and time.time() < deadline:
-            line = proc.stderr.readline()
-        url = line.split(" on ")[-1].strip()
+        assert url_seen.wait(timeout=120), "".join(lines)
+        url = next(line for line in lines if "http://" in line).split(" on ")[-1].strip()
         assert requests.get(url + "/v1/health", timeout=10).status_code == 200
         info = requests.get(url + "/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
         assert info.json()["hidden_size"] == 32
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-    assert proc.returncode == 0
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            reader.join(timeout=10)
+            pytest.fail("gdfo serve did not stop within 90 s of SIGINT; its stderr:\n" + "".join(lines))
+    reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)
+    assert "[gdfo serve] stopped" in "".join(lines)
 
 
 def test_a_run_against_the_service_bills_exactly_its_calls(service, tiny_config, tmp_path, monkeypatch):
@@ -242,3 +260,32 @@ def test_a_stopped_service_leaves_no_thread_of_its_own_running(tiny_models):
         assert _post(s, "/v1/score", _body()).status_code == 200
     left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert left == [], f"threads still running after stop(): {left}"
+
+
+def test_a_stop_waits_for_requests_in_flight_no_longer_than_the_grace():
+    """A call the (simulated) model needs 20 s for is in flight when the service stops: with a 0.5 s grace
+    the stop takes about that, not the 20 s of the call (nor aiohttp's own 60 s grace)."""
+    import threading
+
+    config = ServeConfig(simulate_latency_s=20.0, port=0, token=TOKEN, shutdown_grace_s=0.5)
+    s = start_in_thread(config)
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(_try_post(s, "/v1/score", _body(hidden=64))), daemon=True)
+    caller.start()
+    deadline = time.time() + 10
+    while s.stats().get("requests", 0) < 1 and time.time() < deadline:  # the call is in flight
+        time.sleep(0.05)
+    t0 = time.time()
+    s.stop()
+    assert time.time() - t0 < 10
+    caller.join(timeout=30)
+    assert answers and answers[0] != 200  # cut, not answered
+    with pytest.raises(ConfigError, match="shutdown_grace_s"):
+        ServeConfig(model="m", shutdown_grace_s=-1.0)
+
+
+def _try_post(service, path, body):
+    try:
+        return _post(service, path, body).status_code
+    except requests.RequestException as e:
+        return type(e).__name__
