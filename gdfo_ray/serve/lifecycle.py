@@ -6,6 +6,7 @@ import asyncio
 import collections
 import os
 import secrets
+import signal
 import threading
 
 from gdfo_ray.exceptions import ConfigError
@@ -121,22 +122,39 @@ def start_in_thread(config: ServeConfig, scorer=None) -> ServerHandle:
 
 
 def serve(config: ServeConfig, say=print) -> None:
-    """Run the service in the foreground until interrupted."""
+    """Run the service in the foreground until SIGINT or SIGTERM.
+
+    Both signals are handled here, whatever the process inherited: a shell that starts a
+    command in the background without job control (``gdfo serve ... &`` in a script) makes it
+    ignore SIGINT, and SIGTERM is what service managers send.
+    """
     token, generated = resolve_token(config)
     scorer = make_scorer(config)
     info = scorer.info()
+    received: list = []
 
     async def main() -> None:
         runner, url = await _start(config, scorer, token)
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+        handled = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, lambda s=sig: (received.append(s), stop.set()))
+                handled.append(sig)
+            except (NotImplementedError, RuntimeError):  # no loop signal handlers here (Windows): Ctrl-C raises
+                pass
         say(f"[gdfo serve] {info['model']} ({info['kind']}, hidden {info['hidden_size']}) on {url}")
         if generated:
             say(f"[gdfo serve] token (set GDFO_TEACHER_TOKEN to it on the client): {token}")
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
             await runner.cleanup()
 
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
-        say("[gdfo serve] stopped")
+        pass
+    say("[gdfo serve] stopped" + (f" ({signal.Signals(received[0]).name})" if received else ""))

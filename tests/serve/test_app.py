@@ -160,13 +160,23 @@ def test_serve_config_is_validated():
         ServeConfig(model="m", token="short")
 
 
-def test_gdfo_serve_command_starts_answers_and_stops_on_sigint(tiny_models):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig,inherited", [(signal.SIGINT, None), (signal.SIGTERM, None),
+                                           (signal.SIGINT, "ignored")],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-ignored-by-the-parent"])
+def test_gdfo_serve_command_starts_answers_and_stops_on_a_signal(tiny_models, sig, inherited):
+    # "ignored": what a shell gives a command it starts in the background without job control
+    # (`gdfo serve ... &` in a script): the service must stop on SIGINT all the same.
     import threading
 
     env = {**os.environ, "GDFO_SERVE_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "gdfo_ray.cli", "serve", "--model", tiny_models["causal"],
                              "--port", "0", "--threads", "1", "--shutdown-grace", "5"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_ignore_sigint if inherited == "ignored" else None)
     lines: list[str] = []
     url_seen = threading.Event()
 
@@ -185,16 +195,16 @@ def test_gdfo_serve_command_starts_answers_and_stops_on_sigint(tiny_models):
         info = requests.get(url + "/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
         assert info.json()["hidden_size"] == 32
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             reader.join(timeout=10)
-            pytest.fail("gdfo serve did not stop within 90 s of SIGINT; its stderr:\n" + "".join(lines))
+            pytest.fail(f"gdfo serve did not stop within 90 s of {sig.name}; its stderr:\n" + "".join(lines))
     reader.join(timeout=10)
     assert proc.returncode == 0, "".join(lines)
-    assert "[gdfo serve] stopped" in "".join(lines)
+    assert f"[gdfo serve] stopped ({sig.name})" in "".join(lines)
 
 
 def test_a_run_against_the_service_bills_exactly_its_calls(service, tiny_config, tmp_path, monkeypatch):
