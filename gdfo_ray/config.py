@@ -80,6 +80,11 @@ class StudentSpec:
         """Whether the student is built from the teacher's weights and reads its prompt space."""
         return self.kind in ("oracle", "sibling")
 
+    @property
+    def noisy(self) -> bool:
+        """oracle:S with S > 0: its noise is rescaled on each population it ranks, so a prediction changes it."""
+        return self.kind == "oracle" and self.noise > 0
+
 
 def parse_student(name: str) -> StudentSpec:
     """``model.student`` as a :class:`StudentSpec`; a bad ``sibling:K`` fails naming the field."""

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from gdfo_ray import __version__
 from gdfo_ray.campaign import git_commit, read_results
 from gdfo_ray.config import parse_student, run_label
 from gdfo_ray.exceptions import GDFOError
@@ -578,7 +579,7 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
                      + " | ".join(_interval(r["vs_bbt"]["tasks"].get(t), bold=True) for t in tasks) + " |")
     lines += ["", ladder_threshold(rungs), "", "![ladder.png](ladder.png)", ""]
     lines += ["Made, from this folder, by", "", "```", _ladder_command(results_dirs, out_dir, control_dir), "```", "",
-              f"with gdfo-ray {_version()} at commit {git_commit() or 'unknown'}.", ""]
+              f"with gdfo-ray {__version__} at commit {git_commit() or 'unknown'}.", ""]
     _plot_ladder(rungs, os.path.join(out_dir, "ladder.png"))
     path = os.path.join(out_dir, "ladder.md")
     with open(path, "w") as f:
@@ -591,12 +592,6 @@ def _ladder_command(results_dirs: Sequence[str], out_dir: str, control_dir: Opti
     rel = [os.path.relpath(d, out_dir) for d in results_dirs]
     control = [] if control_dir is None else ["--control", os.path.relpath(control_dir, out_dir)]
     return " ".join(["gdfo report --ladder", *control, *rel, "--out ."])
-
-
-def _version() -> str:
-    from gdfo_ray import __version__
-
-    return __version__
 
 
 def _plot_ladder(rungs: list[dict], path: str) -> None:

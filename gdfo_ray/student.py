@@ -157,7 +157,7 @@ class StudentTrainer:
         # swamp the oracle within ten generations). Before any population, probes drawn as the first one is set it.
         spec, d = self.model.spec, config.prompt.intrinsic_dim
         self.noise = SmoothField(d, config.search.sigma0 * np.sqrt(d), config.seeds.student_init,
-                                 device=self.device) if spec.kind == "oracle" and spec.noise > 0 else None
+                                 device=self.device) if spec.noisy else None
         self.noise_scale: Optional[float] = None
         self._probes = config.search.sigma0 * np.random.default_rng(config.seeds.student_init).standard_normal(
             (config.search.resolved_popsize(d), d)) if self.noise is not None else None

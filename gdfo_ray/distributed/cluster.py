@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import ray
 
-from gdfo_ray.config import GDFOConfig, PoolConfig, parse_student
+from gdfo_ray.config import GDFOConfig, PoolConfig, StudentSpec
 from gdfo_ray.exceptions import GDFOError
 
 NAMESPACE = "gdfo_ray"
@@ -50,7 +50,7 @@ def actor_bundles(config: GDFOConfig) -> list[dict]:
     teacher = {"CPU": p.teacher_num_cpus, "GPU": p.teacher_num_gpus, **p.teacher_resources}
     bundles = [teacher] * p.n_teacher_actors
     if config.uses_student:
-        student = {"CPU": p.student_num_cpus, "GPU": student_gpus(p, config.model.student)}
+        student = {"CPU": p.student_num_cpus, "GPU": student_gpus(p, config.model.student_spec)}
         bundles += [student] * p.n_student_workers
     return [{k: v for k, v in b.items() if v} for b in bundles]
 
@@ -88,12 +88,12 @@ def check_pool_fits(config: GDFOConfig, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
-def student_gpus(pool: PoolConfig, student: str = "") -> float:
+def student_gpus(pool: PoolConfig, student: Optional[StudentSpec] = None) -> float:
     """Per-worker GPUs: as configured, else one when the cluster has any and the student is a network (a gp
     student computes on the CPU, and a GPU it held would be one a teacher actor could not have)."""
     if pool.student_num_gpus is not None:
         return pool.student_num_gpus
-    if student and parse_student(student).kind == "gp":
+    if student is not None and student.kind == "gp":
         return 0.0
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 

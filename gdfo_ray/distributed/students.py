@@ -9,7 +9,7 @@ from typing import Any, Optional
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from gdfo_ray.config import GDFOConfig, parse_student
+from gdfo_ray.config import GDFOConfig
 from gdfo_ray.distributed.cluster import student_gpus
 from gdfo_ray.exceptions import GDFOError
 from gdfo_ray.student_group import StudentGroup
@@ -134,9 +134,9 @@ class RayStudentGroup(StudentGroup):
 
 def make_ray_student_group(config: GDFOConfig, data: TaskData) -> RayStudentGroup:
     p = config.pool
-    cls = ray.remote(StudentWorker).options(num_cpus=p.student_num_cpus, num_gpus=student_gpus(p, config.model.student),
+    spec = config.model.student_spec
+    cls = ray.remote(StudentWorker).options(num_cpus=p.student_num_cpus, num_gpus=student_gpus(p, spec),
                                             max_restarts=p.max_actor_restarts)
     workers = [cls.remote(config) for _ in range(p.n_student_workers)]
-    spec = parse_student(config.model.student)
     return RayStudentGroup(workers, max_recoveries=p.max_actor_restarts, data_ref=ray.put(data),
-                           predict_mutates=spec.kind == "oracle" and spec.noise > 0)
+                           predict_mutates=spec.noisy)

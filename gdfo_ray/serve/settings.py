@@ -37,9 +37,8 @@ class ServeConfig:
         simulate_latency_s: serve a simulated black box with this fixed latency instead of a
             model (benchmarks, tests); its logits are a fixed function of prompt and text.
         simulate_hidden: the simulated model's hidden size.
-        shutdown_grace_s: on SIGINT, how long requests in flight may take to finish before
-            their connections are cut. It bounds the stop: aiohttp also waits out idle
-            keep-alive connections, for 60 s unless told otherwise.
+        shutdown_grace_s: on SIGINT or SIGTERM, how long requests in flight may take to finish
+            before their connections are cut (aiohttp's own default is 60 s).
     """
 
     model: Optional[str] = None

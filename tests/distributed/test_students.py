@@ -9,14 +9,14 @@ pytestmark = pytest.mark.ray
 
 
 def test_student_workers_ask_for_a_gpu_when_the_cluster_has_one(local_ray):
-    from gdfo_ray.config import PoolConfig
+    from gdfo_ray.config import PoolConfig, parse_student
     from gdfo_ray.distributed import student_gpus
 
     assert student_gpus(PoolConfig()) == 1.0
-    assert student_gpus(PoolConfig(), "sentence-transformers/all-MiniLM-L6-v2") == 1.0
+    assert student_gpus(PoolConfig(), parse_student("sentence-transformers/all-MiniLM-L6-v2")) == 1.0
     assert student_gpus(PoolConfig(student_num_gpus=0.25)) == 0.25
-    assert student_gpus(PoolConfig(), "gp") == 0.0  # a GP computes on the CPU: the GPU stays for the teachers
-    assert student_gpus(PoolConfig(student_num_gpus=0.25), "gp") == 0.25
+    assert student_gpus(PoolConfig(), parse_student("gp")) == 0.0  # a GP computes on the CPU: the GPU stays for the teachers
+    assert student_gpus(PoolConfig(student_num_gpus=0.25), parse_student("gp")) == 0.25
 
 
 def test_data_parallel_students_average_gradients(local_ray, tiny_config):
