@@ -508,14 +508,16 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
     return sorted(rungs, key=lambda r: (np.nan_to_num(r["fidelity"], nan=-2.0), r["student"]))
 
 
-def ladder_threshold(rungs: list[dict]) -> str:
+def ladder_threshold(rungs: list[dict], key: str = "vs_bbt") -> str:
     """Where gdfo starts to pay off, as a bracket of fidelity: the least faithful rung from which every more
     faithful one beats bbt, and the most faithful one below it that does not. ``rungs`` are sorted by fidelity.
-    A rung below the bracket that beats bbt all the same is named: one threshold of fidelity does not explain it."""
+    A rung below the bracket that beats bbt all the same is named: one threshold of fidelity does not explain it.
+    ``key`` picks the difference judged: ``vs_bbt`` over each rung's own seeds, ``vs_bbt_shared`` on the cells
+    every rung has, where a rung's extra seeds cannot be what sets it apart."""
     def name(r: dict) -> str:
         return f"{r['fidelity']:+.2f} ({r['student']})"
 
-    paying = [r["vs_bbt"]["lo"] > 0 for r in rungs]
+    paying = [r[key]["lo"] > 0 for r in rungs]
     if not any(paying):
         return "gdfo − bbt has an interval above zero at no rung: gdfo does not pay off with any of these students."
     first = len(paying)
@@ -577,7 +579,11 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
     for r in rungs:
         lines.append(f"| {r['student']}{' †' if r['oracle'] else ''} | "
                      + " | ".join(_interval(r["vs_bbt"]["tasks"].get(t), bold=True) for t in tasks) + " |")
-    lines += ["", ladder_threshold(rungs), "", "![ladder.png](ladder.png)", ""]
+    lines += ["", ladder_threshold(rungs)]
+    if uneven:
+        n = shared["cells"]
+        lines += ["", f"On the {n} cell{'s' * (n != 1)} every rung has: " + ladder_threshold(rungs, "vs_bbt_shared")]
+    lines += ["", "![ladder.png](ladder.png)", ""]
     lines += ["Made, from this folder, by", "", "```", _ladder_command(results_dirs, out_dir, control_dir), "```", "",
               f"with gdfo-ray {__version__} at commit {git_commit() or 'unknown'}.", ""]
     _plot_ladder(rungs, os.path.join(out_dir, "ladder.png"))

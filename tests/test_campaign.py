@@ -276,6 +276,11 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
     pay = [{**r, "vs_bbt": {**r["vs_bbt"], "lo": lo}} for r, lo in zip(rungs, (-0.01, 0.02))]
     assert "from median fidelity +1.00 (oracle) up, and includes zero at" in ladder_threshold(pay)
     assert "at no rung" in ladder_threshold([{**r, "vs_bbt": {**r["vs_bbt"], "lo": -0.1}} for r in rungs])
+    # With uneven seeds the page judges the shared cells too, which can disagree with each rung's own seeds.
+    assert "On the 1 cell every rung has: " + ladder_threshold(rungs, "vs_bbt_shared") in text
+    shared = [{**r, "vs_bbt_shared": {**r["vs_bbt_shared"], "lo": lo}} for r, lo in zip(rungs, (0.02, -0.01))]
+    assert "not at the most faithful one" in ladder_threshold(shared, "vs_bbt_shared")
+    assert ladder_threshold(shared, "vs_bbt_shared") != ladder_threshold(pay)
     with pytest.raises(GDFOError, match="no finished gdfo cell"):
         ladder_rows([campaign.results_dir])
 
