@@ -579,7 +579,11 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
     for r in rungs:
         lines.append(f"| {r['student']}{' †' if r['oracle'] else ''} | "
                      + " | ".join(_interval(r["vs_bbt"]["tasks"].get(t), bold=True) for t in tasks) + " |")
-    lines += ["", ladder_threshold(rungs)]
+    lines.append("")
+    for t in tasks:  # a threshold can hold on one task and not over all of them
+        by_task = [{**r, "vs_bbt": r["vs_bbt"]["tasks"][t]} for r in rungs if r["vs_bbt"]["tasks"].get(t) is not None]
+        lines.append(f"- {TASK_TITLES.get(t, t)}: " + ladder_threshold(by_task))
+    lines += ["", "Over the tasks: " + ladder_threshold(rungs)]
     if uneven:
         n = shared["cells"]
         lines += ["", f"On the {n} cell{'s' * (n != 1)} every rung has: " + ladder_threshold(rungs, "vs_bbt_shared")]

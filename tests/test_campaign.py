@@ -270,7 +270,10 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
     assert "| oracle † |" in text and "breaks the black-box premise" in text
     assert "gdfo − bbt on the 1 cell every rung has" in text and "gdfo − bbt per task" in text
     assert "gdfo − gdfo_random of gp: paired with the gdfo_random cells of `../oracle`" in text
-    assert ladder_threshold(rungs) in text and os.path.exists(tmp_path / "ladder" / "ladder.png")
+    assert "Over the tasks: " + ladder_threshold(rungs) in text and os.path.exists(tmp_path / "ladder" / "ladder.png")
+    # The threshold task by task too, judged on each task's own intervals.
+    sst2 = [{**r, "vs_bbt": r["vs_bbt"]["tasks"]["sst2"]} for r in rungs]
+    assert "- SST-2: " + ladder_threshold(sst2) in text
     # How to remake it, from its own folder: paths relative to it, never this machine's.
     assert "gdfo report --ladder --control ../oracle ../oracle ../gp --out ." in text and str(tmp_path) not in text
     pay = [{**r, "vs_bbt": {**r["vs_bbt"], "lo": lo}} for r, lo in zip(rungs, (-0.01, 0.02))]
