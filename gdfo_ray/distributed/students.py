@@ -83,6 +83,8 @@ class RayStudentGroup(StudentGroup):
         for attempt in range(self.max_recoveries + 1):
             try:
                 out = operation(*args)
+                if mutates:  # inside the try: a worker that dies before it is kept is restored and asked again
+                    snapshot = StudentGroup.state(self)
             except (RayActorError, StudentRestarted) as e:
                 if attempt == self.max_recoveries:
                     raise GDFOError(f"Student workers kept failing; gave up after {self.max_recoveries} recoveries "
@@ -91,7 +93,7 @@ class RayStudentGroup(StudentGroup):
                 self._incarnations = self._restore_all()
                 continue
             if mutates:
-                self._snapshot = StudentGroup.state(self)
+                self._snapshot = snapshot
             return out
         raise AssertionError("unreachable")
 

@@ -85,3 +85,42 @@ def test_a_worker_dead_between_a_prediction_and_a_gradient_keeps_the_noise_the_p
             ray.kill(worker, no_restart=True)
     np.testing.assert_allclose(grads[1][1], grads[0][1], rtol=1e-6)
     assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
+
+
+def test_a_worker_dead_after_a_prediction_but_before_it_is_kept_is_asked_again(local_ray, tiny_config, monkeypatch):
+    """The state after a prediction that changes the student is read in a second call; a worker that dies between
+    the two is restored to the state before and predicts again (a flaky fresh-clone run found this)."""
+    from gdfo_ray.api import build_space
+    from gdfo_ray.distributed import make_ray_student_group
+    from gdfo_ray.student_group import StudentGroup
+    from gdfo_ray.teacher import make_teacher
+    from gdfo_ray.tasks import load_task
+
+    config = tiny_config(**{"pool.backend": "ray", "pool.student_num_cpus": 0.5, "pool.student_num_gpus": 0.0,
+                            "model.student": "oracle:1"})
+    data = load_task(config.task, config.seed)
+    rng = np.random.default_rng(0)
+    wide, narrow = rng.normal(size=(4, 8)), 0.01 * rng.normal(size=(4, 8))
+    teacher = make_teacher(config, data)
+    state = StudentGroup.state
+    out = []
+    for kill in (False, True):
+        group = make_ray_student_group(config, data)
+        build_space(config, teacher, group)
+        group.predict_fitness(wide)
+        if kill:
+            def dying_state(self, _once=[]):  # the worker dies once, just before its state is read
+                if not _once:
+                    _once.append(True)
+                    ray.kill(self.workers[0], no_restart=False)
+                    _wait_until_restarted(self)
+                return state(self)
+            monkeypatch.setattr(StudentGroup, "state", dying_state)
+        fitness = group.predict_fitness(narrow)
+        monkeypatch.setattr(StudentGroup, "state", state)
+        out.append((fitness, group.grad_z(narrow[0])))
+        assert group.recoveries == int(kill)
+        for worker in group.workers:
+            ray.kill(worker, no_restart=True)
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-6)
+    np.testing.assert_allclose(out[1][1][1], out[0][1][1], rtol=1e-6)
