@@ -56,9 +56,9 @@ def _wait_until_restarted(group, timeout_s: float = 60.0) -> None:
     raise AssertionError("the killed student worker still answered after a minute")
 
 
-def test_a_worker_dead_between_a_prediction_and_a_gradient_keeps_the_noise_the_prediction_set(local_ray, tiny_config):
-    """oracle:S rescales its noise to each population it ranks; a worker restarted before the gradient that follows
-    must come back with that amplitude, not the one of the last distillation (a flaky CI run found this)."""
+def _noisy_oracle_group(tiny_config):
+    """A Ray group of one oracle:1 worker in the teacher's prompt space, and two populations of very different
+    spreads: oracle:1 scales its noise to each."""
     from gdfo_ray.api import build_space
     from gdfo_ray.distributed import make_ray_student_group
     from gdfo_ray.teacher import make_teacher
@@ -70,10 +70,21 @@ def test_a_worker_dead_between_a_prediction_and_a_gradient_keeps_the_noise_the_p
     rng = np.random.default_rng(0)
     wide, narrow = rng.normal(size=(4, 8)), 0.01 * rng.normal(size=(4, 8))
     teacher = make_teacher(config, data)
+
+    def group():
+        g = make_ray_student_group(config, data)
+        build_space(config, teacher, g)
+        return g
+    return group, wide, narrow
+
+
+def test_a_worker_dead_between_a_prediction_and_a_gradient_keeps_the_noise_the_prediction_set(local_ray, tiny_config):
+    """oracle:S rescales its noise to each population it ranks; a worker restarted before the gradient that follows
+    must come back with that amplitude, not the one of the last distillation (a flaky CI run found this)."""
+    make_group, wide, narrow = _noisy_oracle_group(tiny_config)
     grads = []
     for kill in (False, True):
-        group = make_ray_student_group(config, data)
-        build_space(config, teacher, group)
+        group = make_group()
         group.predict_fitness(wide)
         group.predict_fitness(narrow)  # a much smaller amplitude than the wide population's
         if kill:
@@ -90,28 +101,20 @@ def test_a_worker_dead_between_a_prediction_and_a_gradient_keeps_the_noise_the_p
 def test_a_worker_dead_after_a_prediction_but_before_it_is_kept_is_asked_again(local_ray, tiny_config, monkeypatch):
     """The state after a prediction that changes the student is read in a second call; a worker that dies between
     the two is restored to the state before and predicts again (a flaky fresh-clone run found this)."""
-    from gdfo_ray.api import build_space
-    from gdfo_ray.distributed import make_ray_student_group
     from gdfo_ray.student_group import StudentGroup
-    from gdfo_ray.teacher import make_teacher
-    from gdfo_ray.tasks import load_task
 
-    config = tiny_config(**{"pool.backend": "ray", "pool.student_num_cpus": 0.5, "pool.student_num_gpus": 0.0,
-                            "model.student": "oracle:1"})
-    data = load_task(config.task, config.seed)
-    rng = np.random.default_rng(0)
-    wide, narrow = rng.normal(size=(4, 8)), 0.01 * rng.normal(size=(4, 8))
-    teacher = make_teacher(config, data)
+    make_group, wide, narrow = _noisy_oracle_group(tiny_config)
     state = StudentGroup.state
     out = []
     for kill in (False, True):
-        group = make_ray_student_group(config, data)
-        build_space(config, teacher, group)
+        group = make_group()
         group.predict_fitness(wide)
         if kill:
-            def dying_state(self, _once=[]):  # the worker dies once, just before its state is read
-                if not _once:
-                    _once.append(True)
+            killed = []
+
+            def dying_state(self):  # the worker dies once, just before its state is read
+                if not killed:
+                    killed.append(True)
                     ray.kill(self.workers[0], no_restart=False)
                     _wait_until_restarted(self)
                 return state(self)
