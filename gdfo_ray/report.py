@@ -508,16 +508,15 @@ def ladder_rows(results_dirs: Sequence[str], n_boot: int = BOOTSTRAP_RESAMPLES,
     return sorted(rungs, key=lambda r: (np.nan_to_num(r["fidelity"], nan=-2.0), r["student"]))
 
 
-def ladder_threshold(rungs: list[dict], key: str = "vs_bbt") -> str:
+def ladder_threshold(rungs: list[dict]) -> str:
     """Where gdfo starts to pay off, as a bracket of fidelity: the least faithful rung from which every more
     faithful one beats bbt, and the most faithful one below it that does not. ``rungs`` are sorted by fidelity.
     A rung below the bracket that beats bbt all the same is named: one threshold of fidelity does not explain it.
-    ``key`` picks the difference judged: ``vs_bbt`` over each rung's own seeds, ``vs_bbt_shared`` on the cells
-    every rung has, where a rung's extra seeds cannot be what sets it apart."""
+    It judges each rung's ``vs_bbt``: pass :func:`_judged` views to judge one task, or the shared cells."""
     def name(r: dict) -> str:
         return f"{r['fidelity']:+.2f} ({r['student']})"
 
-    paying = [r[key]["lo"] > 0 for r in rungs]
+    paying = [r["vs_bbt"]["lo"] > 0 for r in rungs]
     if not any(paying):
         return "gdfo − bbt has an interval above zero at no rung: gdfo does not pay off with any of these students."
     first = len(paying)
@@ -581,12 +580,13 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
                      + " | ".join(_interval(r["vs_bbt"]["tasks"].get(t), bold=True) for t in tasks) + " |")
     lines.append("")
     for t in tasks:  # a threshold can hold on one task and not over all of them
-        by_task = [{**r, "vs_bbt": r["vs_bbt"]["tasks"][t]} for r in rungs if r["vs_bbt"]["tasks"].get(t) is not None]
+        by_task = _judged(rungs, lambda r: r["vs_bbt"]["tasks"].get(t))
         lines.append(f"- {TASK_TITLES.get(t, t)}: " + ladder_threshold(by_task))
     lines += ["", "Over the tasks: " + ladder_threshold(rungs)]
-    if uneven:
+    if uneven:  # a rung's extra seeds must not be what sets it apart
         n = shared["cells"]
-        lines += ["", f"On the {n} cell{'s' * (n != 1)} every rung has: " + ladder_threshold(rungs, "vs_bbt_shared")]
+        lines += ["", f"On the {n} cell{'s' * (n != 1)} every rung has: "
+                  + ladder_threshold(_judged(rungs, lambda r: r["vs_bbt_shared"]))]
     lines += ["", "![ladder.png](ladder.png)", ""]
     lines += ["Made, from this folder, by", "", "```", _ladder_command(results_dirs, out_dir, control_dir), "```", "",
               f"with gdfo-ray {__version__} at commit {git_commit() or 'unknown'}.", ""]
@@ -595,6 +595,11 @@ def ladder_report(results_dirs: Sequence[str], out_dir: str, n_boot: int = BOOTS
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def _judged(rungs: list[dict], pick: Callable[[dict], Optional[dict]]) -> list[dict]:
+    """The rungs with ``vs_bbt`` replaced by the difference ``pick`` takes from each; rungs without one left out."""
+    return [{**r, "vs_bbt": d} for r in rungs if (d := pick(r)) is not None]
 
 
 def _ladder_command(results_dirs: Sequence[str], out_dir: str, control_dir: Optional[str]) -> str:

@@ -231,7 +231,7 @@ def test_the_ladder_states_its_threshold_as_a_bracket_of_fidelity():
 
 def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished, tiny_models, campaign_data, tmp_path):
     from gdfo_ray import GDFOError
-    from gdfo_ray.report import ladder_report, ladder_rows, ladder_threshold
+    from gdfo_ray.report import _judged, ladder_report, ladder_rows, ladder_threshold
 
     campaign, _, _ = finished
     dirs = []
@@ -272,7 +272,7 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
     assert "gdfo − gdfo_random of gp: paired with the gdfo_random cells of `../oracle`" in text
     assert "Over the tasks: " + ladder_threshold(rungs) in text and os.path.exists(tmp_path / "ladder" / "ladder.png")
     # The threshold task by task too, judged on each task's own intervals.
-    sst2 = [{**r, "vs_bbt": r["vs_bbt"]["tasks"]["sst2"]} for r in rungs]
+    sst2 = _judged(rungs, lambda r: r["vs_bbt"]["tasks"]["sst2"])
     assert "- SST-2: " + ladder_threshold(sst2) in text
     # How to remake it, from its own folder: paths relative to it, never this machine's.
     assert "gdfo report --ladder --control ../oracle ../oracle ../gp --out ." in text and str(tmp_path) not in text
@@ -280,10 +280,10 @@ def test_the_ladder_sets_gdfo_minus_bbt_against_each_students_fidelity(finished,
     assert "from median fidelity +1.00 (oracle) up, and includes zero at" in ladder_threshold(pay)
     assert "at no rung" in ladder_threshold([{**r, "vs_bbt": {**r["vs_bbt"], "lo": -0.1}} for r in rungs])
     # With uneven seeds the page judges the shared cells too, which can disagree with each rung's own seeds.
-    assert "On the 1 cell every rung has: " + ladder_threshold(rungs, "vs_bbt_shared") in text
+    assert "On the 1 cell every rung has: " + ladder_threshold(_judged(rungs, lambda r: r["vs_bbt_shared"])) in text
     shared = [{**r, "vs_bbt_shared": {**r["vs_bbt_shared"], "lo": lo}} for r, lo in zip(rungs, (0.02, -0.01))]
-    assert "not at the most faithful one" in ladder_threshold(shared, "vs_bbt_shared")
-    assert ladder_threshold(shared, "vs_bbt_shared") != ladder_threshold(pay)
+    assert "not at the most faithful one" in ladder_threshold(_judged(shared, lambda r: r["vs_bbt_shared"]))
+    assert ladder_threshold(_judged(shared, lambda r: r["vs_bbt_shared"])) != ladder_threshold(pay)
     with pytest.raises(GDFOError, match="no finished gdfo cell"):
         ladder_rows([campaign.results_dir])
 

@@ -15,7 +15,8 @@ def test_student_workers_ask_for_a_gpu_when_the_cluster_has_one(local_ray):
     assert student_gpus(PoolConfig()) == 1.0
     assert student_gpus(PoolConfig(), parse_student("sentence-transformers/all-MiniLM-L6-v2")) == 1.0
     assert student_gpus(PoolConfig(student_num_gpus=0.25)) == 0.25
-    assert student_gpus(PoolConfig(), parse_student("gp")) == 0.0  # a GP computes on the CPU: the GPU stays for the teachers
+    # A GP computes on the CPU: the GPU stays for the teachers.
+    assert student_gpus(PoolConfig(), parse_student("gp")) == 0.0
     assert student_gpus(PoolConfig(student_num_gpus=0.25), parse_student("gp")) == 0.25
 
 
