@@ -69,6 +69,15 @@ def _atomic_write(path: str, write: Callable) -> None:
     os.replace(tmp, path)
 
 
+def saved_run_config(out: str) -> Optional[dict]:
+    """The config a run in ``out`` was saved with (its checkpoint's), or None when ``out`` holds no run."""
+    path = os.path.join(out, CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return pickle.load(f)["config"]
+
+
 def _prepare_output(config: GDFOConfig, out: str, resume: bool, overwrite: bool) -> Optional[dict]:
     """Create or check the directory; returns the checkpoint to resume from, if any."""
     ckpt_path = os.path.join(out, CHECKPOINT)
@@ -184,6 +193,7 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
 
         teacher = recorder = Recorder(teacher, config.model.record_answers)
     try:
+        teacher.check()  # what the black box would refuse is found before the first paid call
         info, space = build_space(config, teacher, student)
         state = None
         if checkpoint is not None:

@@ -10,8 +10,9 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from gdfo_ray.config import METHODS, GDFOConfig, apply_overrides, deep_merge
-from gdfo_ray.exceptions import GDFOError
+from gdfo_ray.config import (METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config, resumed_config_dict,
+                             setting_differences)
+from gdfo_ray.exceptions import GDFOError, ResumeError
 
 log = logging.getLogger("gdfo_ray")
 
@@ -71,7 +72,8 @@ class _Run(_BaseCommand):
         parser.add_argument("--test-file")
         parser.add_argument("--output-dir", help="results directory (default runs/<task>_<method>_seed<seed>)")
         parser.add_argument("--backend", choices=("ray", "local"))
-        parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in --output-dir with the settings it was saved with")
         parser.add_argument("--overwrite", action="store_true", help="start over in a directory holding a run")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="any config field, e.g. --set search.popsize=10 (repeatable)")
@@ -90,20 +92,50 @@ def defaults(cls: type) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
-def build_config(args: argparse.Namespace) -> GDFOConfig:
-    """The YAML file (if any), then the flags, then ``--set`` overrides, validated once at the end."""
-    data = read_config_file(args.config) if args.config else {}
-    overrides: dict = {}
-    flags = {"task": "task.name", "method": "method", "teacher": "model.teacher", "student": "model.student",
+RUN_FLAGS = {"task": "task.name", "method": "method", "teacher": "model.teacher", "student": "model.student",
              "budget": "search.budget_calls", "seed": "seed", "data_dir": "task.data_dir",
              "train_file": "task.train_file", "dev_file": "task.dev_file", "test_file": "task.test_file",
              "output_dir": "output_dir", "backend": "pool.backend"}
-    for attr, key in flags.items():
+
+
+def build_config(args: argparse.Namespace) -> GDFOConfig:
+    """The YAML file (if any), then the flags, then ``--set`` overrides, validated once at the end.
+
+    With ``--resume``, over the settings the run in the output directory was saved with rather
+    than the defaults: a flag given beside it must agree with them, and one that would change
+    the run's result is refused by name.
+    """
+    data = read_config_file(args.config) if args.config else {}
+    given: dict = {}  # dotted key -> (value, how the user gave it)
+    for attr, key in RUN_FLAGS.items():
         value = getattr(args, attr)
         if value is not None:
-            overrides[key] = value
-    overrides.update(parse_sets(args.set))
-    return GDFOConfig.from_dict(apply_overrides(deep_merge(GDFOConfig().to_dict(), data), overrides))
+            given[key] = (value, "--" + attr.replace("_", "-"))
+    given.update({key: (value, f"--set {key}") for key, value in parse_sets(args.set).items()})
+    overrides = {key: value for key, (value, _) in given.items()}
+
+    def over(base: dict) -> GDFOConfig:
+        return GDFOConfig.from_dict(apply_overrides(deep_merge(base, data), overrides))
+
+    if not getattr(args, "resume", False):
+        return over(GDFOConfig().to_dict())
+    from gdfo_ray.api import saved_run_config
+
+    out = args.output_dir or data.get("output_dir") or over(GDFOConfig().to_dict()).default_output_dir()
+    saved = saved_run_config(out)
+    if saved is None:
+        raise GDFOError(f"Nothing to resume: {out} holds no saved run (no checkpoint.pkl). Pass the --output-dir of "
+                        "the run to continue.")
+    resumed = over({**resumed_config_dict(saved), "output_dir": out})
+    conflicts = setting_differences(saved, resumed)
+    if conflicts:
+        file_keys = set(flatten_config(data))
+        named = [given[k][1] if k in given else (f"{k} in --config {args.config}" if k in file_keys else k)
+                 for k in conflicts]
+        raise ResumeError(f"Cannot resume {out}: {', '.join(named)} would change the saved run "
+                          f"({', '.join(conflicts)}). Resume with --output-dir and --resume alone to take its "
+                          "settings, or start a new run in another --output-dir.")
+    return resumed
 
 
 def read_config_file(path: str) -> dict:

@@ -150,6 +150,9 @@ class TaskConfig:
         metric: ``accuracy`` or ``f1`` (binary, positive class 1).
         shots: examples per class in train and in dev when sampling from the Hub.
         max_text_tokens: each text field is cut to this many tokens.
+        max_text_chars: each text field is cut to this many characters when the data is
+            loaded (None: not cut); for a service whose ``max_text_chars`` is below a task's
+            longest text.
         max_test_examples: evaluate on a seeded subsample of the test set (None: all).
         prompt_placement: for causal-LM teachers, ``prefix`` keeps the template's
             ``{prompt}`` before the text (BBT); ``suffix`` moves it after the last text
@@ -171,6 +174,7 @@ class TaskConfig:
     metric: Optional[str] = None
     shots: int = 16
     max_text_tokens: int = 128
+    max_text_chars: Optional[int] = None
     max_test_examples: Optional[int] = None
     prompt_placement: str = "prefix"
 
@@ -182,6 +186,8 @@ class TaskConfig:
             check_choice("task.metric", self.metric, ("accuracy", "f1"))
         check_int("task.shots", self.shots, 1)
         check_int("task.max_text_tokens", self.max_text_tokens, 1)
+        if self.max_text_chars is not None:
+            check_int("task.max_text_chars", self.max_text_chars, 1)
         if self.max_test_examples is not None:
             check_int("task.max_test_examples", self.max_test_examples, 1)
         if (self.dev_file or self.test_file) and not self.train_file:
@@ -584,6 +590,11 @@ class ServiceConfig:
         max_retry_after_s: the longest a call waits on 429s that say when to come back
             (``Retry-After``, ``Retry-After-Ms``), in all; a service asking for more fails the
             call with a clear error instead of stalling the run.
+        max_outage_s: how long a run waits out a service that answers nothing or 5xx. Past
+            ``max_retries`` quick retries, the call pauses, probes ``/v1/health`` with backoff
+            capped at ``probe_max_s`` and goes on when the service is back; only an outage longer
+            than this stops the run (``--resume`` then repeats the generation). 0: no waiting.
+        probe_max_s: the longest pause between two health probes during an outage.
     """
 
     token_env: str = "GDFO_TEACHER_TOKEN"
@@ -592,6 +603,8 @@ class ServiceConfig:
     backoff_s: float = 0.5
     backoff_max_s: float = 30.0
     max_retry_after_s: float = 300.0
+    max_outage_s: float = 300.0
+    probe_max_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.token_env or not isinstance(self.token_env, str):
@@ -601,6 +614,8 @@ class ServiceConfig:
         check_positive("service.backoff_s", self.backoff_s, allow_zero=True)
         check_positive("service.backoff_max_s", self.backoff_max_s, allow_zero=True)
         check_positive("service.max_retry_after_s", self.max_retry_after_s, allow_zero=True)
+        check_positive("service.max_outage_s", self.max_outage_s, allow_zero=True)
+        check_positive("service.probe_max_s", self.probe_max_s)
 
 
 @dataclass(frozen=True)
@@ -754,10 +769,18 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
 EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 
 # Settings added after runs were saved, with the value that reproduces what the code did before they existed.
-ADDED_SETTINGS: dict = {"model.record_answers": None, "student.text_cache": False, "student.gp_scale": 0.5,
-                        "student.gp_nugget": 0.01,
+ADDED_SETTINGS: dict = {"model.record_answers": None, "task.max_text_chars": None, "student.text_cache": False,
+                        "student.gp_scale": 0.5, "student.gp_nugget": 0.01,
                         "harmonize.gate": "rho", "harmonize.n_candidates": 1, "harmonize.mean_to_best": False,
                         "harmonize.warmup_steps": 0, "harmonize.keep_sigma": False}
+
+
+def resumed_config_dict(saved: Mapping[str, Any]) -> dict:
+    """A saved run's config as a full nested dict: today's defaults, the saved values over them, and a setting
+    added since it was saved at the value :data:`ADDED_SETTINGS` gives (what reproduces that run)."""
+    merged = deep_merge(GDFOConfig().to_dict(), saved)
+    flat_saved = flatten_config(saved)
+    return apply_overrides(merged, {k: v for k, v in ADDED_SETTINGS.items() if k not in flat_saved})
 
 
 def flatten_saved_config(saved: Mapping[str, Any]) -> dict:

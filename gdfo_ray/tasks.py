@@ -106,6 +106,11 @@ class Split:
                      None if self.text_pair is None else [self.text_pair[i] for i in idx],
                      self.label[idx])
 
+    def truncated(self, max_chars: int) -> "Split":
+        """The split with every text field cut to ``max_chars`` characters."""
+        return Split([t[:max_chars] for t in self.text],
+                     None if self.text_pair is None else [t[:max_chars] for t in self.text_pair], self.label)
+
 
 @dataclass
 class TaskData:
@@ -221,6 +226,9 @@ def load_task(config: TaskConfig, seed: int) -> TaskData:
         data = _load_bbt_dir(config.resolved_data_dir(), spec, split_seed)
     else:
         data = _load_hf(spec, config.shots, split_seed)
+    if config.max_text_chars is not None:
+        for name in ("train", "dev", "test"):
+            setattr(data, name, data.split(name).truncated(config.max_text_chars))
     if config.max_test_examples is not None and len(data.test) > config.max_test_examples:
         rng = np.random.default_rng(split_seed)
         idx = np.sort(rng.choice(len(data.test), size=config.max_test_examples, replace=False))

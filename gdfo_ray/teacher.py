@@ -66,6 +66,10 @@ class BaseTeacher(abc.ABC):
         a call sent again (a retry, or a re-query after an actor died) is billed once.
         """
 
+    def check(self) -> None:
+        """Raise :class:`TeacherError` now for what would fail a call later (a service's limits): a run
+        checks before its first paid call. A local model or a recording has nothing to check."""
+
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
         """Loss and its gradient in the prompt ``(n, h)``: only a local (white-box) teacher has it."""
@@ -122,6 +126,9 @@ class TeacherPool:
     def describe(self) -> TeacherInfo:
         return self.run_pieces("describe", [()])[0]
 
+    def check(self) -> None:
+        self.run_pieces("check", [()])  # every teacher holds the same task and talks to the same black box
+
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self.run_pieces("embed_tokens", [(list(ids),)])[0]
 
@@ -173,6 +180,9 @@ class TeacherHost:
 
     def describe(self) -> TeacherInfo:
         return self._loaded().describe()
+
+    def check(self) -> None:
+        self._loaded().check()
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self._loaded().embed_tokens(ids)

@@ -1,9 +1,10 @@
+import argparse
 import os
 import sys
 
 import pytest
 
-from gdfo_ray.cli import main
+from gdfo_ray.cli import _Run, main
 
 
 def test_bad_input_exits_1_with_a_message(capsys, tmp_path):
@@ -110,3 +111,34 @@ def test_command_defaults_are_the_settings_dataclasses_defaults():
     settings = cli.defaults(TuneSettings)
     assert (args.samples, args.name, args.storage, args.reduction_factor, args.trial_cpus, args.search_seed) == tuple(
         settings[k] for k in ("num_samples", "name", "storage_dir", "reduction_factor", "trial_cpus", "seed"))
+
+
+def test_resume_takes_the_saved_settings_and_refuses_only_a_flag_that_would_change_them(tmp_path, tiny_config,
+                                                                                          crash_after, capsys):
+    import yaml
+
+    from gdfo_ray.cli import build_config
+
+    path = tmp_path / "c.yaml"
+    config = tiny_config(method="bbt", output_dir=str(tmp_path / "run"))
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    crash_after(1)
+    with pytest.raises(crash_after.error):
+        main(["run", "--config", str(path), "--budget", "16"])
+    crash_after(None)
+    capsys.readouterr()
+    # Flags that cannot change the result (where it runs) go with the saved settings.
+    assert main(["run", "--output-dir", str(tmp_path / "run"), "--resume", "--budget", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "--budget would change the saved run (search.budget_calls)" in err
+    assert main(["run", "--output-dir", str(tmp_path / "run"), "--resume", "--set", "search.sigma0=0.3"]) == 1
+    assert "--set search.sigma0 would change the saved run" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    _Run().add_arguments(parser)
+    resumed = build_config(parser.parse_args(["--output-dir", str(tmp_path / "run"), "--resume", "--budget", "16",
+                                              "--set", "pool.torch_threads=2"]))
+    assert resumed.method == "bbt" and resumed.search.budget_calls == 16 and resumed.pool.torch_threads == 2
+    assert main(["run", "--output-dir", str(tmp_path / "run"), "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert main(["run", "--output-dir", str(tmp_path / "nothing"), "--resume"]) == 1
+    assert "Nothing to resume" in capsys.readouterr().err

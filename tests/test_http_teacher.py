@@ -91,7 +91,8 @@ def test_429_and_5xx_are_retried_with_the_same_key_and_retry_after_is_honoured(c
     assert logits.shape == (1, 3, 2)
     assert [k for k, _ in server.seen] == ["call-1"] * 4
     assert server.seen[2][1] - server.seen[1][1] >= 0.95  # waited for Retry-After, not the 0.05 s backoff
-    assert teacher.get_stats() == {"calls": 2, "attempts": 5, "retries": 3, "failed": 0}  # /v1/info + the call
+    assert teacher.get_stats() == {"calls": 2, "attempts": 5, "retries": 3, "failed": 0,
+                                   "outages": 0}  # /v1/info + the call
 
 
 def test_a_timeout_is_retried(client):
@@ -101,10 +102,30 @@ def test_a_timeout_is_retried(client):
 
 
 def test_a_call_that_keeps_failing_raises_and_is_not_scored(client):
-    teacher, server = client([(500, (), 0)] * 3, max_retries=2)
+    teacher, server = client([(500, (), 0)] * 3, max_retries=2, max_outage_s=0)
     with pytest.raises(TeacherError, match=r"failed after 3 attempts \(last: 500: scripted 500\)"):
         _query(teacher)
     assert teacher.get_stats()["failed"] == 1
+
+
+def test_an_outage_past_the_quick_retries_is_waited_out_and_announced_once(client):
+    said = []
+    teacher, server = client([(503, (), 0)] * 7, max_retries=2, probe_max_s=0.05)
+    teacher.say = said.append
+    assert _query(teacher).shape == (1, 3, 2)
+    assert [k for k, _ in server.seen] == ["call-1"] * 8  # the same key throughout: billed once
+    assert teacher.get_stats()["outages"] >= 1 and teacher.get_stats()["failed"] == 0
+    assert "not answering (last: 503: scripted 503)" in said[0] and "max_outage_s=300" in said[0]
+    assert "is back after" in said[1] and "the run goes on" in said[1]
+
+
+def test_an_outage_longer_than_max_outage_s_stops_the_call_with_the_wait_named(client):
+    teacher, server = client([(502, (), 0)] * 10_000, max_retries=1, max_outage_s=0.5, probe_max_s=0.05)
+    teacher.say = lambda line: None
+    started = time.monotonic()
+    with pytest.raises(TeacherError, match=r"did not answer for \d+ s, longer than service.max_outage_s=0.5.*--resume"):
+        _query(teacher)
+    assert 0.4 <= time.monotonic() - started < 10
 
 
 def test_other_4xx_fail_at_once_with_the_service_message(client):

@@ -18,6 +18,8 @@ little-endian; every route but ``/v1/health`` needs ``Authorization: Bearer <tok
 - ``POST /v1/score`` ``{"template", "verbalizer", "prompt": array (n, h), "inputs":
   [{"text", "text_pair"?}], "max_text_tokens"?}``: ``{"logits": array (B, C), ...}``.
   An ``Idempotency-Key`` header makes a retried call return the first answer, billed once.
+- ``POST /v1/validate``: a ``/v1/score`` body checked (template, verbalizer, inputs) but neither
+  scored nor billed: ``{"ok": true, "rows": B}``, or the 4xx the call would get.
 - ``GET /v1/stats``: requests, billed calls, 429s, batches.
 
 A bad request gets a 4xx with ``{"error": {"code", "message"}}``; over the rate

@@ -240,6 +240,15 @@ def build_app(config: ServeConfig, scorer, token: str, counts: Optional[collecti
             counts["billed"] += 1
         return web.json_response({"logits": encode_array(logits), "model": info["model"]})
 
+    async def validate(request):
+        """A ``/v1/score`` body checked as a call would be (fields, template, verbalizer, tokenizing), not scored
+        and not billed: a client finds what would be refused before it pays for anything."""
+        body, _ = await read_body(request)
+        req = parse_score_request(body, config, info["hidden_size"])
+        await scorer.prepare(req)
+        counts["validated"] += 1
+        return web.json_response({"ok": True, "rows": req.rows})
+
     async def get_stats(request):
         out = dict(counts)
         out["batches"] = getattr(scorer, "batches", 0)
@@ -257,6 +266,7 @@ def build_app(config: ServeConfig, scorer, token: str, counts: Optional[collecti
                     web.get("/v1/info", get_info, expect_handler=expect),
                     web.post("/v1/embed", embed, expect_handler=expect),
                     web.post("/v1/score", score, expect_handler=expect),
+                    web.post("/v1/validate", validate, expect_handler=expect),
                     web.get("/v1/stats", get_stats, expect_handler=expect)])
     app.on_cleanup.append(on_cleanup)
     return app

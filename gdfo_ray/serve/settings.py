@@ -94,7 +94,7 @@ class ServeConfig:
     def limits(self) -> dict:
         return {k: getattr(self, k) for k in ("max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens",
                                               "max_classes", "max_body_mb", "max_batch_rows", "body_timeout_s",
-                                              "rate_unit")} | {"max_json_elements": self.max_json_elements}
+                                              "rate_unit", "rate_burst")} | {"max_json_elements": self.max_json_elements}
 
     @property
     def max_json_elements(self) -> int:

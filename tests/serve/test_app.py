@@ -299,3 +299,16 @@ def _try_post(service, path, body):
         return _post(service, path, body).status_code
     except requests.RequestException as e:
         return type(e).__name__
+
+
+def test_validate_checks_a_call_as_score_would_and_bills_nothing(service):
+    before = service.stats().get("billed", 0)
+    r = _post(service, "/v1/validate", _body())
+    assert r.status_code == 200 and r.json() == {"ok": True, "rows": 2}
+    r = _post(service, "/v1/validate", {**_body(), "verbalizer": ["very bad", "great"]})
+    assert r.status_code == 400 and "verbalizer" in r.json()["error"]["message"]
+    r = _post(service, "/v1/validate", _body(texts=["x"] * 17))
+    assert r.status_code == 400 and "1 to 16 objects" in r.json()["error"]["message"]
+    assert service.stats().get("billed", 0) == before
+    info = requests.get(service.url + "/v1/info", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
+    assert info["limits"]["rate_burst"] == 1 and info["limits"]["max_batch_rows"] == 256

@@ -303,7 +303,8 @@ _bodies = st.one_of(
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from([b"POST", b"GET", b"PUT", b"P\x00ST", b"\xff"]),
-       path=st.sampled_from([b"/v1/score", b"/v1/embed", b"/v1/info", b"/v1/health", b"/v1/\xff", b"/%00"]),
+       path=st.sampled_from([b"/v1/score", b"/v1/embed", b"/v1/validate", b"/v1/info", b"/v1/health", b"/v1/\xff",
+                             b"/%00"]),
        headers=st.lists(st.tuples(_names, _values), max_size=5), body=_bodies,
        length=st.sampled_from(["true", "less", "more", "none"]))
 def test_raw_requests_get_no_5xx(service, caplog, method, path, headers, body, length):

@@ -89,7 +89,7 @@ def counted(request):
 
 def test_random_json_documents_are_refused(service, http, counted):
     @FUZZ
-    @given(body=json_values, path=st.sampled_from(["/v1/score", "/v1/embed"]))
+    @given(body=json_values, path=st.sampled_from(["/v1/score", "/v1/embed", "/v1/validate"]))
     def check(body, path):
         counted.n += 1
         _assert_client_error(_post(http, service, body, path))
@@ -199,7 +199,7 @@ def test_missing_and_wrong_tokens_are_401(service, http, counted):
     @FUZZ
     @given(token=st.none() | printable.filter(lambda t: t != TOKEN),
            scheme=st.sampled_from(["Bearer ", "bearer ", "Basic ", "", "Bearer  "]),
-           path=st.sampled_from(["/v1/score", "/v1/info", "/v1/embed", "/v1/stats"]))
+           path=st.sampled_from(["/v1/score", "/v1/info", "/v1/embed", "/v1/stats", "/v1/validate"]))
     def check(token, scheme, path):
         counted.n += 1
         headers = {} if token is None else {"Authorization": scheme + token}
