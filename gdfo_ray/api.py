@@ -62,6 +62,17 @@ def versions() -> dict:
     return out
 
 
+def run_machine(config: GDFOConfig) -> dict:
+    """The machine this run's driver is on, its matmul rate measured in the dtype and on the device the
+    teacher computes in here (a service's own machine is not known)."""
+    from gdfo_ray.machine import describe_machine
+    from gdfo_ray.models import pick_device, resolve_dtype, set_threads
+
+    set_threads(config.pool.torch_threads)
+    device = pick_device(config.model.device)
+    return describe_machine(resolve_dtype(config.model.dtype, device), str(device))
+
+
 def _atomic_write(path: str, write: Callable) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -150,8 +161,9 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
 
     with open(os.path.join(out, "config.yaml"), "w") as f:
         yaml.safe_dump({**config.to_dict(), "output_dir": out}, f, sort_keys=False)
+    machine = run_machine(config)
     with open(os.path.join(out, "versions.json"), "w") as f:
-        json.dump({**versions(), "seeds": dataclasses.asdict(config.seeds)}, f, indent=2)
+        json.dump({**versions(), "seeds": dataclasses.asdict(config.seeds), "machine": machine}, f, indent=2)
     say(f"[gdfo] {config.method} on {data.spec.name}: {len(data.train)} train / {len(data.dev)} dev / "
         f"{len(data.test)} test rows from {data.source}")
     if checkpoint is not None:
@@ -169,6 +181,10 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
         driver.close()  # the student's last steps are in: it can be scored and saved
         summary = _finish(config, driver, data, driver.teacher, driver.student, driver.space, out, say)
     summary["teacher_info"] = dataclasses.asdict(driver.teacher_info)  # hidden size, dtype the black box computed in
+    summary["machine"] = machine
+    if driver.floor_flops is not None and summary.get("s_per_call"):
+        floor = driver.floor_flops / (machine["matmul_gflops"] * 1e9)
+        summary["floor_s_per_call"], summary["s_per_call_over_floor"] = floor, summary["s_per_call"] / floor
     summary["wall_s"] = time.time() - started
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
@@ -202,6 +218,8 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
                 student.load_state(checkpoint["student"])
         driver = Driver(config, data, teacher, student, space, state=state, hooks=hooks, gate=gate)
         driver.teacher_info = info
+        # The work of one train call, for the floor a run's teacher time is read against (a local teacher only).
+        driver.floor_flops = teacher.flops_per_call("train", driver.train_ids) if config.method != "bbtv2" else None
         try:
             yield driver
         finally:

@@ -293,6 +293,9 @@ def _cell_row(cell: Cell, out: dict, paths: Mapping[str, str]) -> dict:
         # The tuned prompt's class per test row (the manual prompt's for manual): gdfo report pairs methods on them.
         "test_pred": out.get("test_pred"), "test_label": out.get("test_label"),
         "median_fidelity": s.get("median_fidelity"), "mean_rho": s.get("mean_rho"),
+        # The machine the cell ran on and what its arithmetic allows: a teacher's time read against its floor.
+        "machine_json": json.dumps(s.get("machine")), "floor_s_per_call": s.get("floor_s_per_call"),
+        "s_per_call_over_floor": s.get("s_per_call_over_floor"),
     }
 
 

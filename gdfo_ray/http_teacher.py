@@ -201,10 +201,9 @@ class HttpTeacher(BaseTeacher):
         down = time.monotonic() - first_failure if first_failure is not None else 0.0
         outage = (f" The service did not answer for {down:.0f} s, longer than service.max_outage_s="
                   f"{s.max_outage_s:g}." if wait_out and s.max_outage_s > 0 else "")
-        raise TeacherError(
-            f"{self.url}{path} failed after {attempts} attempts (last: {last}).{outage} The call was charged to "
-            "the budget but not scored; the run stops here and --resume repeats the generation."
-        )
+        consequence = (" The call was charged to the budget but not scored; the run stops here and --resume repeats "
+                       "the generation." if path == "/v1/score" else " Check that the service is up at this URL.")
+        raise TeacherError(f"{self.url}{path} failed after {attempts} attempts (last: {last}).{outage}{consequence}")
 
     def _wait_for_service(self, since: float, last: str) -> bool:
         """Probe ``/v1/health`` until the service answers or ``max_outage_s`` from ``since`` has passed.

@@ -25,6 +25,7 @@ class LocalTeacher(BaseTeacher):
         set_threads(config.pool.torch_threads)
         torch.manual_seed(config.seeds.torch)
         self.name = config.model.teacher
+        self._n_prompt_tokens = config.prompt.n_prompt_tokens
         self.lm = build_prompted_lm(
             config.model.teacher, config.model.teacher_kind, data.spec,
             {"train": data.train, "dev": data.dev, "test": data.test}, readout="verbalizer",
@@ -62,6 +63,18 @@ class LocalTeacher(BaseTeacher):
         with torch.inference_mode():
             logits = self.lm(rows_p, rows, split, deep=deep)
         return logits.reshape(k, b, -1).cpu().numpy()
+
+    def flops_per_call(self, split: str, example_ids: np.ndarray) -> Optional[float]:
+        """Counted by torch on one prompt, one row at a time: the work a call cannot do without."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        n = self._n_prompt_tokens
+        p = torch.zeros((1, n, self.lm.hidden_size), dtype=torch.float32, device=self.lm.device)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            for i in np.asarray(example_ids).tolist():
+                self.lm(p, np.asarray([i]), split)
+        return float(counter.get_total_flops())
 
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:

@@ -93,9 +93,29 @@ def cost_table(rows: list[dict]) -> str:
         # A resumed cell's wall time covers only what ran after the resume: used only when nothing else is.
         whole = [r["wall_s"] for r in rs if not r.get("resumed")]
         time_s = f"{np.mean(whole):.0f} s" if whole else f"{np.mean([r['wall_s'] for r in rs]):.0f} s*"
-        return f"{calls:.0f}+{dev:.0f} calls, {time_s}"
+        over = [r["s_per_call_over_floor"] for r in rs if r.get("s_per_call_over_floor") is not None]
+        return f"{calls:.0f}+{dev:.0f} calls, {time_s}" + (f", {np.median(over):.2f}x floor" if over else "")
 
     return _grid(rows, cell)
+
+
+def machine_lines(rows: list[dict]) -> str:
+    """The machines the cells ran on, and the campaign's median teacher time per call over its floor."""
+    machines: dict = {}
+    for r in rows:
+        m = json.loads(r.get("machine_json") or "null")
+        if m is not None:
+            key = (m["cpu"], m["cores"], m.get("gpu"), m["matmul_dtype"])
+            machines.setdefault(key, []).append(m["matmul_gflops"])
+    if not machines:
+        return "The cells do not record their machine (written before gdfo-ray recorded it)."
+    lines = [f"- {cpu}, {cores} cores{', GPU ' + gpu if gpu else ''}: {len(rates)} cells, matmul "
+             f"{np.median(rates):.0f} GFLOP/s in {dtype}" for (cpu, cores, gpu, dtype), rates in sorted(machines.items())]
+    over = [r["s_per_call_over_floor"] for r in rows if r.get("s_per_call_over_floor") is not None]
+    if over:
+        lines.append(f"- teacher time per call over its floor (the call's work at the measured matmul rate): median "
+                     f"{np.median(over):.2f}x over {len(over)} cells, {min(over):.2f}x to {max(over):.2f}x")
+    return "\n".join(lines)
 
 
 # Which side of a pair is the subject (A in "A − B"): the method listed first here.
@@ -427,9 +447,12 @@ def build_report(results_dir: str, out_dir: Optional[str] = None) -> str:
         "The average is over tasks, for methods that have all of them.", "",
         score_table(rows), "",
         "## Cost per run (mean over seeds)", "",
-        "Train calls + dev calls, and the wall time of one cell (model loading and test scoring included; "
-        "* only resumed cells, whose time counts from the resume).", "",
+        "Train calls + dev calls, the wall time of one cell (model loading and test scoring included; "
+        "* only resumed cells, whose time counts from the resume), and, where the cells record it, the median "
+        "teacher time per call over its floor.", "",
         cost_table(rows), "",
+        "## Machines", "",
+        machine_lines(rows), "",
         "## Paired differences in test score", "",
         f"A − B in points, paired on (task, seed), averaged over the tasks both ran. 95% CI: percentile "
         f"bootstrap ({BOOTSTRAP_RESAMPLES} resamples) over seeds within each task and, within each seed, over "

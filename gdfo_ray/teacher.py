@@ -70,6 +70,11 @@ class BaseTeacher(abc.ABC):
         """Raise :class:`TeacherError` now for what would fail a call later (a service's limits): a run
         checks before its first paid call. A local model or a recording has nothing to check."""
 
+    def flops_per_call(self, split: str, example_ids: np.ndarray) -> Optional[float]:
+        """Floating-point work of one prompt on these rows, done without waste (no padding), where the
+        teacher runs here and can count it; None for a black box elsewhere."""
+        return None
+
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
         """Loss and its gradient in the prompt ``(n, h)``: only a local (white-box) teacher has it."""
@@ -129,6 +134,9 @@ class TeacherPool:
     def check(self) -> None:
         self.run_pieces("check", [()])  # every teacher holds the same task and talks to the same black box
 
+    def flops_per_call(self, split: str, example_ids: np.ndarray) -> Optional[float]:
+        return self.run_pieces("flops_per_call", [(split, example_ids)])[0]
+
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self.run_pieces("embed_tokens", [(list(ids),)])[0]
 
@@ -183,6 +191,9 @@ class TeacherHost:
 
     def check(self) -> None:
         self._loaded().check()
+
+    def flops_per_call(self, split: str, example_ids: np.ndarray) -> Optional[float]:
+        return self._loaded().flops_per_call(split, example_ids)
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self._loaded().embed_tokens(ids)

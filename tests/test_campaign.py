@@ -63,6 +63,8 @@ def test_every_cell_lands_in_the_partitioned_dataset_with_its_config(finished):
         assert r["control"] == config["harmonize"]["control"]  # the setting reaches the results, not only a label
         assert r["calls"] == (8 if r["method"] == "bbt" else 0)
         assert json.loads(r["versions_json"])["torch"] and r["wall_s"] > 0
+        assert json.loads(r["machine_json"])["matmul_gflops"] > 0  # the machine it ran on, and its arithmetic
+        assert r["method"] == "manual" or r["s_per_call_over_floor"] > 0
     split = {(r["task"], r["seed"]): r["split_seed"] for r in rows}
     assert split == {("sst2", 13): 13, ("sst2", 42): 42, ("yelp_polarity", 13): 87, ("yelp_polarity", 42): 42}
     curves = read_results(campaign.results_dir, "curves")

@@ -1,14 +1,17 @@
 """The report's table: the papers' shape, partial cells marked, the average only over complete rows."""
 
+import json
+
 import numpy as np
 import pytest
 
-from gdfo_ray.report import calls_to_reach, cost_table, paired_differences, paired_table, reach_table, score_table
+from gdfo_ray.report import (calls_to_reach, cost_table, machine_lines, paired_differences, paired_table, reach_table,
+                             score_table)
 
 
-def _row(task, method, seed, score, calls=10):
+def _row(task, method, seed, score, calls=10, **extra):
     return {"task": task, "method": method, "seed": seed, "test_score": score, "calls": calls, "dev_calls": 2,
-            "wall_s": 3.0}
+            "wall_s": 3.0, **extra}
 
 
 def test_score_table_orders_tasks_and_methods_and_averages_complete_rows():
@@ -27,6 +30,14 @@ def test_score_table_orders_tasks_and_methods_and_averages_complete_rows():
 def test_cost_table_shows_calls_and_time():
     table = cost_table([_row("sst2", "bbt", 1, 0.8, calls=102), _row("sst2", "bbt", 2, 0.9, calls=102)])
     assert "| bbt | 102+2 calls, 3 s |" in table
+    rows = [_row("sst2", "bbt", s, 0.8, calls=102, s_per_call_over_floor=x, machine_json=json.dumps(
+        {"cpu": "AMD EPYC", "cores": 2, "gpu": None, "matmul_dtype": "float32", "matmul_gflops": 80.0}))
+        for s, x in ((1, 1.4), (2, 1.6), (3, 1.5))]
+    assert "| bbt | 102+2 calls, 3 s, 1.50x floor |" in cost_table(rows)
+    lines = machine_lines(rows)
+    assert "- AMD EPYC, 2 cores: 3 cells, matmul 80 GFLOP/s in float32" in lines
+    assert "median 1.50x over 3 cells, 1.40x to 1.60x" in lines
+    assert "do not record their machine" in machine_lines([_row("sst2", "bbt", 1, 0.8)])
 
 
 def test_missing_cells_are_those_asked_for_and_not_finished(tmp_path):
