@@ -3,7 +3,8 @@
 The seven BBT benchmark tasks are presets of one mechanism; a user's own task is
 a :class:`~gdfo_ray.config.TaskConfig` with labels, verbalizer, template and files.
 Data comes from (in this order) the user's files, a BBT-layout data directory
-(``task.data_dir`` or ``$GDFO_DATA_DIR``), or the Hugging Face Hub with BBT's
+(``task.data_dir`` or ``$GDFO_DATA_DIR``), the package's own copy of the default
+task's split (SST-2, split seed 42), or the Hugging Face Hub with BBT's
 sampling (k per class for train and for dev, both from the train split).
 """
 
@@ -19,6 +20,10 @@ import numpy as np
 
 from gdfo_ray.config import DATA_DIR_ENV, TaskConfig
 from gdfo_ray.exceptions import ConfigError, DataError
+
+
+# The default task's few-shot split, shipped with the package (gdfo_ray/data/README.md says where it came from).
+PACKAGED_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,10 @@ def load_task(config: TaskConfig, seed: int) -> TaskData:
                                          or not spec.hf_dataset):
         # The data root serves the tasks it holds; one it lacks comes from the Hub where it names a dataset.
         data = _load_bbt_dir(config.resolved_data_dir(), spec, split_seed)
+    elif (config.shots == 16 and not config.hf_dataset
+          and os.path.isdir(os.path.join(PACKAGED_DATA_DIR, spec.name, "16-shot", str(split_seed)))):
+        data = _load_bbt_dir(PACKAGED_DATA_DIR, spec, split_seed)
+        data.source = f"the gdfo_ray package's own copy of {spec.name} (split seed {split_seed})"
     else:
         data = _load_hf(spec, config.shots, split_seed)
     if config.max_text_chars is not None:
@@ -340,7 +349,9 @@ def _load_hf(spec: TaskSpec, shots: int, seed: int) -> TaskData:
             "(pip install datasets). Alternatively pass --data-dir (or $GDFO_DATA_DIR) with BBT-layout "
             "data, or task.train_file/dev_file/test_file."
         ) from e
-    name, _, subset = spec.hf_dataset.partition("/")
+    # A Hub id ("name" or "name/config"), or a local folder of data files in the Hub's format (train, test...).
+    name, _, subset = ((spec.hf_dataset, "", "") if os.path.isdir(spec.hf_dataset)
+                       else spec.hf_dataset.partition("/"))
     try:
         dataset = datasets.load_dataset(name, subset or None)
     except Exception as e:  # offline, unknown id: say what to do instead

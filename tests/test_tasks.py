@@ -140,3 +140,31 @@ def test_hub_failure_says_what_to_do_instead(monkeypatch):
     monkeypatch.delenv("GDFO_DATA_DIR", raising=False)
     with pytest.raises(DataError, match="Offline, pass --data-dir"):
         load_task(TaskConfig(name="rte"), seed=1)
+
+
+def test_hub_sampling_on_a_local_dataset_in_the_hubs_format(tmp_path, monkeypatch):
+    """The real ``datasets`` package (installed by ``make setup``) reading a folder as the Hub would serve it."""
+    pytest.importorskip("datasets")
+    for key in ("HF_HOME", "HF_DATASETS_CACHE"):
+        monkeypatch.setenv(key, str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("GDFO_DATA_DIR", raising=False)
+    hub = tmp_path / "glue_sst2"
+    hub.mkdir()
+    train = [{"sentence": f"sentence {i}", "label": i % 2, "idx": i} for i in range(60)]
+    (hub / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train))
+    (hub / "validation.jsonl").write_text("\n".join(json.dumps({**r, "idx": 100 + i}) for i, r in enumerate(train[:9])))
+    data = load_task(TaskConfig(name="sst2", hf_dataset=str(hub), shots=4), seed=5)
+    assert np.bincount(data.train.label).tolist() == [4, 4] == np.bincount(data.dev.label).tolist()
+    assert not set(data.train.text) & set(data.dev.text) and len(data.test) == 9
+    again = load_task(TaskConfig(name="sst2", hf_dataset=str(hub), shots=4), seed=5)
+    assert again.train.text == data.train.text  # BBT's sampling is a function of the split seed
+    assert load_task(TaskConfig(name="sst2", hf_dataset=str(hub), shots=4), seed=6).train.text != data.train.text
+
+
+def test_the_default_split_ships_with_the_package(monkeypatch):
+    monkeypatch.delenv("GDFO_DATA_DIR", raising=False)
+    data = load_task(TaskConfig(name="sst2"), seed=42)
+    assert (len(data.train), len(data.dev), len(data.test)) == (32, 32, 872)
+    assert "package's own copy" in data.source
+    assert np.bincount(data.train.label).tolist() == [16, 16]
