@@ -216,6 +216,10 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
             state = checkpoint["state"]
             if student is not None and checkpoint.get("student") is not None:
                 student.load_state(checkpoint["student"])
+        if _ray_is_up():  # the run's progress in the Ray dashboard and the cluster's Prometheus
+            from gdfo_ray.distributed.metrics import run_metrics
+
+            hooks = (run_metrics(config), *hooks)  # first: a progress line printed after it is already exported
         driver = Driver(config, data, teacher, student, space, state=state, hooks=hooks, gate=gate)
         driver.teacher_info = info
         # The work of one train call, for the floor a run's teacher time is read against (a local teacher only).
@@ -232,6 +236,12 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
             from gdfo_ray.distributed import release_ray_pools
 
             release_ray_pools(teacher, student, stop_ray=ray_started)
+
+
+def _ray_is_up() -> bool:
+    """Whether this process is connected to Ray (a Ray pool, a campaign's cell, a Tune trial); never imports it."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def build_space(config: GDFOConfig, teacher, student) -> tuple:

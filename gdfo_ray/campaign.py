@@ -407,14 +407,19 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
     by_name = {cell.name: cell for cell in todo}
     t0 = time.time()
     with ray_session(campaign.ray_address):
+        from gdfo_ray.distributed.metrics import CampaignMetrics
+
+        metrics = CampaignMetrics(os.path.basename(os.path.normpath(campaign.results_dir)), len(skipped), len(todo))
         for name, out, error in as_completed(run_cell, calls, num_cpus=campaign.cell_cpus,
                                              num_gpus=campaign.cell_gpus, max_retries=campaign.max_retries):
             cell = by_name[name]
             if error is not None:  # a cell's own error: record it, the others go on
                 result.failed[cell.name] = _record_failure(campaign.results_dir, cell, error)
                 say(f"[bench] FAILED {cell.name}: {result.failed[cell.name].splitlines()[0]}")
+                metrics.finished(failed=True)
                 continue
             row = record(campaign.results_dir, cell, out, root)
+            metrics.finished()
             result.finished.append({"task": cell.task, "method": cell.label, **row})
             done = len(result.finished) + len(result.failed)
             eta = (time.time() - t0) / done * (len(todo) - done)
