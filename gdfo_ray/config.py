@@ -472,6 +472,14 @@ class HarmonizeConfig:
             (then 1.5x longer), else halved.
         keep_sigma: after the mean moved toward a gradient candidate, sigma does not fall
             below its value before the generation.
+        guided_share: share of each population drawn by guided ES (Maheswaranathan et al.,
+            2019) instead of by CMA-ES: from ``sigma^2 d [(alpha/d) I + ((1 - alpha)/k) U U^T]``
+            around the mean, U an orthonormal basis of the last ``guided_k`` gradients; 0: none.
+        guided_k: gradients whose span the guided samples favour.
+        guided_alpha: the guided samples' share of variance outside that span, in (0, 1].
+        adapt_eta: the gradient candidates' step length adapts to success: 1.5x after a
+            generation where one beat every CMA-ES sample, 0.5x after one where none did (as
+            the warm-up's step), within [eta/16, 16 eta].
     """
 
     eta: float = 0.5
@@ -482,6 +490,10 @@ class HarmonizeConfig:
     mean_to_best: bool = False
     warmup_steps: int = 0
     keep_sigma: bool = False
+    guided_share: float = 0.0
+    guided_k: int = 1
+    guided_alpha: float = 0.5
+    adapt_eta: bool = False
 
     def __post_init__(self) -> None:
         check_positive("harmonize.eta", self.eta, allow_zero=True)
@@ -491,9 +503,18 @@ class HarmonizeConfig:
         check_choice("harmonize.gate", self.gate, GATES)
         check_int("harmonize.n_candidates", self.n_candidates, 1)
         check_int("harmonize.warmup_steps", self.warmup_steps, 0)
-        for name in ("mean_to_best", "keep_sigma"):
+        if not (isinstance(self.guided_share, (int, float)) and 0.0 <= self.guided_share < 1.0):
+            raise ConfigError(f"harmonize.guided_share must be in [0, 1), but got {self.guided_share!r}.")
+        check_int("harmonize.guided_k", self.guided_k, 1)
+        if not (isinstance(self.guided_alpha, (int, float)) and 0.0 < self.guided_alpha <= 1.0):
+            raise ConfigError(f"harmonize.guided_alpha must be in (0, 1], but got {self.guided_alpha!r}.")
+        for name in ("mean_to_best", "keep_sigma", "adapt_eta"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"harmonize.{name} must be true or false, but got {getattr(self, name)!r}.")
+
+    def guided_in(self, popsize: int) -> int:
+        """Guided samples in a population of ``popsize``: ``guided_share`` of it, at least one when the share is set."""
+        return max(1, round(self.guided_share * popsize)) if self.guided_share > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -685,6 +706,13 @@ class GDFOConfig:
         if self.harmonize.n_candidates >= popsize:
             raise ConfigError(f"harmonize.n_candidates={self.harmonize.n_candidates} leaves no CMA-ES sample in a "
                               f"population of {popsize}. Choose at most {popsize - 1}, or raise search.popsize.")
+        guided = self.harmonize.guided_in(popsize)
+        if guided and self.harmonize.n_candidates + guided > popsize - 2:
+            raise ConfigError(
+                f"harmonize.guided_share={self.harmonize.guided_share} gives {guided} guided samples beside "
+                f"{self.harmonize.n_candidates} gradient candidates in a population of {popsize}; CMA-ES needs 2 "
+                "samples of its own. Lower harmonize.guided_share or harmonize.n_candidates, or raise search.popsize."
+            )
         per_generation = 1 if self.method == "white_box" else popsize
         if self.method != "manual" and self.search.budget_calls < per_generation:
             raise ConfigError(
@@ -772,7 +800,8 @@ EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 ADDED_SETTINGS: dict = {"model.record_answers": None, "task.max_text_chars": None, "student.text_cache": False,
                         "student.gp_scale": 0.5, "student.gp_nugget": 0.01,
                         "harmonize.gate": "rho", "harmonize.n_candidates": 1, "harmonize.mean_to_best": False,
-                        "harmonize.warmup_steps": 0, "harmonize.keep_sigma": False}
+                        "harmonize.warmup_steps": 0, "harmonize.keep_sigma": False, "harmonize.guided_share": 0.0,
+                        "harmonize.guided_k": 1, "harmonize.guided_alpha": 0.5, "harmonize.adapt_eta": False}
 
 
 def resumed_config_dict(saved: Mapping[str, Any]) -> dict:

@@ -75,3 +75,39 @@ def harmonize(m_prev: np.ndarray, m_new: np.ndarray, sigma: float, grad: np.ndar
     candidates = np.stack([gradient_step(m_new, grad, s * step) for s in line_steps(n_candidates)])
     weight = gamma * (max(rho, 0.0) if gate == "rho" else 1.0)
     return Harmonized(z_gd, m_new + weight * (z_gd - m_new), rho, candidates, weight)
+
+
+def gradient_basis(grads: list, k: int) -> np.ndarray:
+    """An orthonormal basis ``(d, r)``, r <= k, of the span of the last ``k`` finite, non-zero gradients.
+
+    >>> gradient_basis([np.array([2.0, 0.0]), np.array([1.0, 1.0])], 2).round(3).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    usable = [g for g in grads[-k:] if np.all(np.isfinite(g)) and np.linalg.norm(g) > 0]
+    if not usable:
+        return np.empty((0, 0))
+    q, r = np.linalg.qr(np.stack(usable, axis=1))
+    keep = np.abs(np.diag(r)) > 1e-10 * np.abs(r).max()  # drop gradients that repeat the span of earlier ones
+    q = q[:, keep]
+    return q * np.sign(np.diag(r)[keep])[None, :]  # each direction along its gradient, not against it
+
+
+def guided_samples(mean: np.ndarray, sigma: float, basis: np.ndarray, alpha: float, n: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``n`` samples of guided ES (Maheswaranathan et al., 2019) around ``mean``, ``(n, d)``.
+
+    Their covariance is ``sigma^2 d [(alpha/d) I + ((1 - alpha)/k) U U^T]`` with ``U = basis`` (d, k):
+    GES's, times d, so that a sample is as long as one of CMA-ES's own (about ``sigma sqrt(d)``)
+    and pycma takes it as drawn. A share ``1 - alpha`` of the variance lies in the gradients'
+    span, so a biased gradient still helps and never decides alone. Without a basis, isotropic.
+
+    >>> z = guided_samples(np.zeros(400), 1.0, np.eye(400)[:, :1], 0.5, 2000, np.random.default_rng(0))
+    >>> round(float((z ** 2).sum(1).mean() / 400), 1), round(float(z[:, 0].var()), 0)
+    (1.0, 200.0)
+    """
+    d = mean.shape[0]
+    full = rng.standard_normal((n, d)) * np.sqrt(alpha if basis.size else 1.0)
+    if basis.size:
+        k = basis.shape[1]
+        full = full + np.sqrt(d * (1.0 - alpha) / k) * rng.standard_normal((n, k)) @ basis.T
+    return mean[None, :] + sigma * full

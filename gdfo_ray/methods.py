@@ -15,7 +15,7 @@ from typing import Any, ContextManager, Optional, Protocol
 import numpy as np
 
 from gdfo_ray.config import GDFOConfig
-from gdfo_ray.harmonize import gradient_step, harmonize
+from gdfo_ray.harmonize import gradient_basis, gradient_step, guided_samples, harmonize
 
 
 class StepContext(Protocol):
@@ -171,6 +171,10 @@ class GDFO(BBT):
         self.z_gd: Optional[np.ndarray] = None  # (k, d): the gradient candidates of the next population
         self.popsize = config.popsize
         self.warmup = None  # [z, its loss, step length, steps left] while warming up
+        self.eta_scale = 1.0  # the gradient candidates' step, in units of eta (harmonize.adapt_eta)
+        self.grads: list = []  # the last harmonize.guided_k gradients, whose span guided samples favour
+        self.z_guided: Optional[np.ndarray] = None  # (n, d): the guided samples of the next population
+        self.n_guided = self.h.guided_in(self.popsize)  # checked against lambda with the config
         if self.h.warmup_steps:
             self.calls_per_generation = 1
             self.warmup = [np.zeros(self.d), float("inf"), self.h.eta * config.search.sigma0 * np.sqrt(self.d),
@@ -213,33 +217,47 @@ class GDFO(BBT):
             state["z_gd"] = np.asarray(state["z_gd"])[None]
         state.setdefault("warmup", None)
         state.setdefault("popsize", state["calls_per_generation"])
+        for key, value in (("eta_scale", 1.0), ("grads", []), ("z_guided", None), ("n_guided", 0)):
+            state.setdefault(key, value)  # a checkpoint from before guided samples and the adaptive step
         self.__dict__.update(state)
 
     def step(self, ctx: StepContext) -> dict:
         if self.warmup is not None:
             return self._warmup_step(ctx)
         injected = 0 if self.z_gd is None else len(self.z_gd)
-        if injected:
-            self.es.inject(list(self.z_gd), force=True)  # ask() returns injected solutions first
+        guided = 0 if self.z_guided is None else len(self.z_guided)
+        if injected or guided:
+            # ask() returns injected solutions first, unchanged (force): the gradient candidates, then the guided ones.
+            self.es.inject(list(self.z_gd if injected else []) + list(self.z_guided if guided else []), force=True)
         m_prev, sigma_before = self.es.mean.copy(), float(self.es.sigma)
         Z, F, logits, info = self._ask_tell(ctx, predict=True)
         jumped = False
-        if self.h.mean_to_best and injected:
-            i = int(np.argmin(F[:injected]))
-            if F[i] < F[injected:].min():
-                self.es.mean, jumped = Z[i].copy(), True
+        won = bool(injected) and float(F[:injected].min()) < float(F[injected:].min())
+        if self.h.mean_to_best and won:
+            self.es.mean, jumped = Z[int(np.argmin(F[:injected]))].copy(), True
+        if self.h.adapt_eta and injected:
+            self.eta_scale = min(16.0, self.eta_scale * 1.5) if won else max(1.0 / 16, self.eta_scale * 0.5)
         m_new = self.es.mean.copy()
         info["student_loss"], grad = self._direction(ctx, m_new)
         with ctx.timed("optimizer_s"):
-            result = harmonize(m_prev, m_new, float(self.es.sigma), grad, self.h.eta, self.h.gamma, self.h.gate,
-                               self.h.n_candidates)
+            result = harmonize(m_prev, m_new, float(self.es.sigma), grad, self.h.eta * self.eta_scale, self.h.gamma,
+                               self.h.gate, self.h.n_candidates)
             self.es.mean = result.m_next
             if self.h.keep_sigma and (jumped or result.weight > 0):
                 self.es.sigma = max(float(self.es.sigma), sigma_before)
+            if self.n_guided and self.h.gate != "off":
+                self.grads = [*self.grads, grad][-self.h.guided_k:]
+                basis = gradient_basis(self.grads, self.h.guided_k)
+                self.z_guided = guided_samples(result.m_next, float(self.es.sigma), basis, self.h.guided_alpha,
+                                               self.n_guided, ctx.rng)
         self.z_gd = result.candidates
         info["rho"] = result.rho
         info["z_gd_rank"] = int(1 + (F < F[:injected].min()).sum()) if injected else None
         info["mean_jumped"] = float(jumped) if self.h.mean_to_best else None
+        if self.h.adapt_eta:
+            info["eta_scale"] = self.eta_scale
+        if guided:  # where the best guided sample ranked in its population
+            info["guided_rank"] = int(1 + (F < F[injected:injected + guided].min()).sum())
         if ctx.overlap_distill:
             ctx.distill_later(Z, logits, F)
         return info

@@ -132,3 +132,40 @@ def test_lq_cma_spends_fewer_calls_a_generation_and_resumes_after_a_crash(tiny_c
     resumed = run(config, resume=True, progress=None)  # the surrogate's model travels in the checkpoint
     assert [r["calls"] for r in resumed.history] == calls
     np.testing.assert_allclose(resumed.best_z, full.best_z)
+
+
+def test_guided_samples_join_the_population_after_the_gradient_candidate_as_drawn(monkeypatch):
+    driver, _ = setup_synthetic("gdfo", 3, budget=48, guided_share=0.25, guided_k=2, guided_alpha=0.5)
+    populations, calls = _recorded(driver, monkeypatch)
+    method = driver.state.method
+    drawn = []
+    real = method.__class__.step
+
+    def step(self, ctx):
+        out = real(self, ctx)
+        drawn.append(None if self.z_guided is None else self.z_guided.copy())
+        return out
+
+    monkeypatch.setattr(method.__class__, "step", step)
+    history = driver.run().history
+    assert [r["calls"] for r in history] == [8, 16, 24, 32, 40, 48]  # they take CMA-ES's places: no extra calls
+    assert method.n_guided == 2 and len(method.grads) == 2
+    for t in range(1, len(history)):
+        prompts = populations[t][0]
+        np.testing.assert_allclose(prompts[1:3], driver.space.project(drawn[t - 1]), rtol=1e-5, atol=1e-6)
+        assert 1 <= history[t]["guided_rank"] <= 8
+    with pytest.raises(ConfigError, match="guided_share=0.8 gives 6 guided samples"):
+        setup_synthetic("gdfo", 1, guided_share=0.8)
+
+
+def test_the_gradient_step_grows_after_a_win_and_shrinks_after_a_loss(monkeypatch):
+    driver, _ = setup_synthetic("gdfo", 1, budget=80, adapt_eta=True, exact_student=True)
+    populations, calls = _recorded(driver, monkeypatch)
+    history = driver.run().history
+    scale = 1.0
+    for t in range(1, len(history)):
+        F = fitness(populations[t][1], driver.data.train.label, "ce")
+        scale = min(16.0, scale * 1.5) if F[0] < F[1:].min() else max(1 / 16, scale * 0.5)
+        assert history[t]["eta_scale"] == pytest.approx(scale)
+        assert calls[t][0][4] == pytest.approx(0.5 * scale)  # the eta harmonize used for the next candidate
+    assert len({r["eta_scale"] for r in history[1:]}) > 1
