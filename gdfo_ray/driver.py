@@ -8,7 +8,9 @@ Hooks receive each history row (progress display, checkpointing).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -43,6 +45,20 @@ class DriverState:
     pending_distill: Optional[list] = None  # batches of a distillation still running (student.overlap_distill)
     # The replay batches' own generator (seeds.replay); the Driver sets it to ``rng`` for a checkpoint from before it.
     replay_rng: Optional[np.random.Generator] = None
+    run_id: str = ""  # names the run's calls to a service (Driver.query); kept across a resume
+
+
+def call_ids(run_id: str, prompts: np.ndarray, split: str, rows: np.ndarray) -> list[str]:
+    """One id per prompt, from the run, the split, the rows and the prompt's bytes: the same question is the
+    same call, and a different one can never reuse an id (a service refuses a key sent with another body).
+
+    >>> a = call_ids("r1", np.zeros((2, 1, 2)), "train", np.arange(3))
+    >>> a[0] == a[1], a[0] == call_ids("r1", np.ones((1, 1, 2)), "train", np.arange(3))[0], a[0][:9]
+    (True, False, 'r1-train-')
+    """
+    rows_digest = hashlib.sha256(np.ascontiguousarray(rows, np.int64).tobytes()).hexdigest()[:8]
+    return [f"{run_id}-{split}-{rows_digest}-"
+            f"{hashlib.sha256(np.ascontiguousarray(p, np.float32).tobytes()).hexdigest()[:24]}" for p in prompts]
 
 
 class GenerationContext:
@@ -92,7 +108,7 @@ class GenerationContext:
         d = self._driver
         d.state.budget.charge(len(Z))
         t0 = time.perf_counter()
-        logits = np.asarray(d.teacher.query(d.space.project(Z), "train", d.train_ids))
+        logits = d.query(d.space.project(Z), "train", d.train_ids)
         self.timings["teacher_s"] += time.perf_counter() - t0
         check_logits(logits, (len(Z), len(d.train_ids), d.data.spec.n_classes))
         F = fitness(logits, d.data.train.label, d.loss)
@@ -238,6 +254,8 @@ class Driver:
                 np.random.set_state(state.np_global_state)
             if state.replay_rng is None:  # a checkpoint from before seeds.replay drew its batches from the run's stream
                 state.replay_rng = state.rng
+        if not state.run_id:  # a new run, or a checkpoint from before runs named their calls
+            state.run_id = uuid.uuid4().hex
         self.state = state
         self.lane = StudentLane(student) if student is not None else None
         self.pending: Optional[tuple] = None  # (future of a running distillation, the weights before it)
@@ -310,6 +328,13 @@ class Driver:
             s.best_dev = (z, score, loss)
         return {"dev_score": score, "dev_loss": loss}
 
+    def query(self, prompts: np.ndarray, split: str, rows: np.ndarray) -> np.ndarray:
+        """The teacher's logits; a service's calls are named by what they ask (:func:`call_ids`), so a call
+        asked again, by a generation repeated after a crash, is answered from its idempotency cache, unbilled."""
+        if not self.config.model.teacher_is_service:
+            return np.asarray(self.teacher.query(prompts, split, rows))
+        return np.asarray(self.teacher.query(prompts, split, rows, call_ids(self.state.run_id, prompts, split, rows)))
+
     def evaluate_prompt(self, z: Optional[np.ndarray], split: str) -> tuple[float, float]:
         """(metric, loss) of a prompt on a whole split; ``z=None`` is the manual prompt (no tokens)."""
         score, loss, _ = self.score_prompt(z, split)
@@ -320,7 +345,7 @@ class Driver:
         data = self.data.split(split)
         prompts = (np.zeros((1, 0, self.space.spec.hidden_size), np.float32) if z is None
                    else self.space.project(z))
-        logits = np.asarray(self.teacher.query(prompts, split, np.arange(len(data))))
+        logits = self.query(prompts, split, np.arange(len(data)))
         check_logits(logits, (1, len(data), self.data.spec.n_classes))
         return (metric(logits[0], data.label, self.data.spec.metric), float(fitness(logits, data.label, self.loss)[0]),
                 logits[0].argmax(-1))

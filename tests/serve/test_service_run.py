@@ -182,10 +182,11 @@ def test_the_service_killed_mid_run_and_back_on_its_port_is_waited_out(remote_co
     assert "is back after" in err
 
 
-def test_resume_alone_after_the_driver_is_killed_takes_the_saved_settings(remote_config, tmp_path):
+def test_resume_alone_after_the_driver_is_killed_takes_the_saved_settings(remote_config, served, tmp_path):
     from gdfo_ray.api import run
 
     config = remote_config(output_dir=str(tmp_path / "killed"), **{"search.budget_calls": 160})
+    before = served.stats().get("billed", 0)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.to_dict()))
     env = {**os.environ, "GDFO_TEACHER_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "gdfo_ray.cli", "run", "--config", str(tmp_path / "run.yaml")],
@@ -201,9 +202,13 @@ def test_resume_alone_after_the_driver_is_killed_takes_the_saved_settings(remote
                               "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
+    billed_cut = served.stats()["billed"] - before
     reference = run(config.with_overrides({"output_dir": str(tmp_path / "ref")}), progress=None)
     import json
 
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["calls"] == 160
     assert summary["test"] == pytest.approx(reference.summary["test"])
+    # The generation the kill cut short was asked again under the same call ids: answered from the service's
+    # idempotency cache, so the interrupted run was billed exactly what the uninterrupted one was.
+    assert billed_cut == served.stats()["billed"] - before - billed_cut
