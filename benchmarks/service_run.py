@@ -2,7 +2,8 @@
 
 Starts ``gdfo serve`` on the default teacher (SmolLM2-135M-Instruct, default limits, token from
 the environment) as its own process, then runs ``gdfo run --task sst2 --method bbt --teacher URL
---budget 68 --seed 42`` as a user would, three times:
+--budget 68 --seed 42`` with the README's pool settings (four teacher-query actors on a Ray started
+for the run, 20 calls/s, 8 in flight) as a user would, three times:
 
 - **plain**: to the end, test set included (872 rows, more than the service's ``max_inputs``);
 - **outage**: the service is killed (SIGKILL) after the first generation and started again on the
@@ -98,8 +99,10 @@ def main() -> None:
     token = secrets.token_urlsafe(16)
     service = Service(args.model, free_port(), token, args.threads)
     service.start()
+    # The README's service command: four teacher-query actors on Ray, rate-limited on the client side.
     common = ["--task", "sst2", "--method", "bbt", "--teacher", service.url, "--budget", str(args.budget),
-              "--seed", str(args.seed), "--backend", "local", *args.extra]
+              "--seed", str(args.seed), "--set", "pool.n_teacher_actors=4", "--set", "pool.calls_per_s=20",
+              "--set", "pool.max_in_flight=8", "--set", "pool.ray_address=local", *args.extra]
     results = {}
     try:
         for name in ("plain", "outage", "resume"):
@@ -139,7 +142,7 @@ def main() -> None:
             summary = json.load(open(os.path.join(out, "summary.json")))
             results[name] = {"calls": summary["calls"], "manual": summary["test"]["teacher_manual"],
                              "tuned": summary["test"]["teacher_tuned"], "billed": service.billed() - before,
-                             "outage_lines": [x for x in lines if "not answering" in x or "is back" in x],
+                             "outage_lines": [x.strip() for x in lines if "not answering" in x or "is back" in x],
                              "wall_s": time.monotonic() - started}
     finally:
         service.kill()
