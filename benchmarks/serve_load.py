@@ -40,6 +40,8 @@ import uuid
 import numpy as np
 import requests
 
+from gdfo_ray.serve import wait_until_healthy
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -59,18 +61,13 @@ def start_service(args, token: str) -> tuple[subprocess.Popen, str]:
                             stderr=log, text=True)
     proc.log_path = log.name
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(log.name) as f:
-                raise RuntimeError(f"gdfo serve exited: {f.read()[-2000:]}")
-        try:
-            if requests.get(url + "/v1/health", timeout=2).ok:
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("gdfo serve did not come up in 120 s")
+    try:
+        wait_until_healthy(url, proc, timeout_s=120)
+    except RuntimeError as e:
+        proc.kill()
+        with open(log.name) as f:
+            raise RuntimeError(f"{e}: {f.read()[-2000:]}") from None
+    return proc, url
 
 
 def hostile_requests(token: str, mb: float) -> list[tuple[str, bytes]]:

@@ -33,6 +33,8 @@ import time
 
 import requests
 
+from gdfo_ray.serve import wait_until_healthy
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -51,17 +53,7 @@ class Service:
         self.proc = subprocess.Popen([sys.executable, "-m", "gdfo_ray.cli", "serve", "--model", self.model, "--port",
                                       str(self.port), "--threads", str(self.threads)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"gdfo serve exited with {self.proc.returncode}")
-            try:
-                if requests.get(self.url + "/v1/health", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit("gdfo serve did not start within 600 s")
+        wait_until_healthy(self.url, self.proc, timeout_s=600)
 
     def billed(self) -> int:
         stats = requests.get(self.url + "/v1/stats", headers={"Authorization": f"Bearer {self.token}"}, timeout=10)

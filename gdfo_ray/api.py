@@ -223,7 +223,8 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
         driver = Driver(config, data, teacher, student, space, state=state, hooks=hooks, gate=gate)
         driver.teacher_info = info
         # The work of one train call, for the floor a run's teacher time is read against (a local teacher only).
-        driver.floor_flops = teacher.flops_per_call("train", driver.train_ids) if config.method != "bbtv2" else None
+        counted = config.method not in ("manual", "bbtv2")  # manual pays no train call; bbtv2's prompts are deep
+        driver.floor_flops = teacher.flops_per_call("train", driver.train_ids) if counted else None
         try:
             yield driver
         finally:

@@ -31,11 +31,12 @@ checking bodies), ``scorers`` (the model and its batching), ``app`` (routes and 
 """
 
 from gdfo_ray.serve.app import build_app
-from gdfo_ray.serve.lifecycle import ServerHandle, is_loopback, resolve_token, serve, start_in_thread
+from gdfo_ray.serve.lifecycle import (ServerHandle, is_loopback, resolve_token, serve, start_in_thread,
+                                      wait_until_healthy)
 from gdfo_ray.serve.requests import ScoreRequest, parse_score_request
 from gdfo_ray.serve.scorers import ModelScorer, SimulatedScorer, make_scorer
 from gdfo_ray.serve.settings import RATE_UNITS, TOKEN_ENV, ServeConfig
 
 __all__ = ["RATE_UNITS", "TOKEN_ENV", "ModelScorer", "ScoreRequest", "ServeConfig", "ServerHandle", "SimulatedScorer",
            "build_app", "is_loopback", "make_scorer", "parse_score_request", "resolve_token", "serve",
-           "start_in_thread"]
+           "start_in_thread", "wait_until_healthy"]

@@ -158,3 +158,26 @@ def serve(config: ServeConfig, say=print) -> None:
     except KeyboardInterrupt:
         pass
     say("[gdfo serve] stopped" + (f" ({signal.Signals(received[0]).name})" if received else ""))
+
+
+def wait_until_healthy(url: str, proc=None, timeout_s: float = 120.0) -> None:
+    """Block until ``GET url/v1/health`` answers 200: a ``gdfo serve`` started as a process is ready.
+
+    Raises:
+        RuntimeError: ``proc`` (a ``subprocess.Popen``) exited first, or ``timeout_s`` passed.
+    """
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"gdfo serve exited with {proc.returncode} before it answered at {url}")
+        try:
+            if requests.get(url + "/v1/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"gdfo serve did not answer at {url} within {timeout_s:g} s")

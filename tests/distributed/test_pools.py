@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import yaml
+
+from killing import kill_at_generation
 
 ray = pytest.importorskip("ray")
 
@@ -27,13 +28,7 @@ def test_a_killed_driver_resumed_ends_as_an_uninterrupted_run(tiny_config, tmp_p
 
     subprocess.run(command(tmp_path / "clean"), check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if line.startswith("gen   5 "):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_generation(command(killed), 5)
     assert not (killed / "summary.json").exists()
     resumed = subprocess.run(command(killed, resume=True), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

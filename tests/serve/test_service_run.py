@@ -19,6 +19,9 @@ import pytest
 import requests
 import yaml
 
+from gdfo_ray.serve import wait_until_healthy
+from killing import kill_at_generation
+
 TOKEN = "test-token-123"
 MAX_INPUTS = 5  # below the tiny task's 8 dev and 12 test rows: every dev and test call is split
 
@@ -43,17 +46,7 @@ class ServeProcess:
             [sys.executable, "-m", "gdfo_ray.cli", "serve", "--model", self.model, "--port", str(self.port),
              "--threads", "1", "--dtype", "float32", "--max-inputs", str(MAX_INPUTS), "--shutdown-grace", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gdfo serve exited with {self.proc.returncode}")
-            try:
-                if requests.get(self.url + "/v1/health", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("gdfo serve did not answer in time")
+        wait_until_healthy(self.url, self.proc, timeout)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -189,14 +182,7 @@ def test_resume_alone_after_the_driver_is_killed_takes_the_saved_settings(remote
     before = served.stats().get("billed", 0)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.to_dict()))
     env = {**os.environ, "GDFO_TEACHER_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "gdfo_ray.cli", "run", "--config", str(tmp_path / "run.yaml")],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stderr:
-        if line.startswith("gen   3 "):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_generation([sys.executable, "-m", "gdfo_ray.cli", "run", "--config", str(tmp_path / "run.yaml")], 3, env=env)
     assert not (tmp_path / "killed" / "summary.json").exists()
     resumed = subprocess.run([sys.executable, "-m", "gdfo_ray.cli", "run", "--output-dir", str(tmp_path / "killed"),
                               "--resume"], capture_output=True, text=True, env=env, timeout=600)
