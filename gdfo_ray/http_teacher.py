@@ -151,7 +151,7 @@ class HttpTeacher(BaseTeacher):
             try:
                 response = session.request(method, self.url + path, json=body, headers=headers, timeout=s.timeout_s)
             except (requests.Timeout, requests.ConnectionError) as e:
-                last = f"{type(e).__name__}: {e}"
+                last = _short_error(e)
             else:
                 status = response.status_code
                 if status == 200:
@@ -407,6 +407,18 @@ def piece_key(call_id: str, index: int, n_pieces: int) -> str:
         return call_id
     key = f"{call_id}.{index + 1}of{n_pieces}"
     return key if len(key) <= 200 else hashlib.sha256(key.encode()).hexdigest()
+
+
+def _short_error(error: Exception) -> str:
+    """A transport error in a line: its type and the operating system's reason where it names one.
+
+    >>> _short_error(ConnectionError("HTTPConnectionPool(...): Max retries exceeded ([Errno 111] Connection refused)"))
+    'ConnectionError: [Errno 111] Connection refused'
+    """
+    import re
+
+    reason = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(error))
+    return f"{type(error).__name__}: {reason.group(0).strip() if reason else str(error)[:200]}"
 
 
 def _refusal_hint(status: int, token_env: str) -> str:
