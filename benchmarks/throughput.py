@@ -21,14 +21,14 @@ Every time is per call (a population's time over lambda). Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 import torch
+
+from gdfo_ray.machine import cores_available, cpu_name, matmul_rate
 
 VARIANTS = {
     # name: (dtype, prompt placement, kv cache, torch.compile)
@@ -39,26 +39,6 @@ VARIANTS = {
     "bf16-suffix-kv": ("bfloat16", "suffix", True, False),
     "fp32-compile": ("float32", "prefix", True, True),
 }
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def matmul_rate(dtype: torch.dtype, m: int = 4096, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
-    """FLOP/s of the matrix products a small transformer is made of, at this machine's thread count."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * m * k * n * repeats / (time.perf_counter() - t0)
 
 
 def build(args, variant: str):
@@ -81,18 +61,6 @@ def build(args, variant: str):
 def population(args, hidden: int, std: float) -> np.ndarray:
     rng = np.random.default_rng(0)
     return (rng.normal(size=(args.popsize, args.prompt_tokens, hidden)) * std).astype(np.float32)
-
-
-def flops_per_call(teacher, prompts: np.ndarray, ids: np.ndarray) -> float:
-    """Work of one call done without waste: one example at a time (no padding), counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    p = torch.tensor(prompts[:1])
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        for i in ids:
-            teacher.lm(p, np.asarray([i]), "train")
-    return float(counter.get_total_flops())
 
 
 def time_pool_call(teacher, prompts: np.ndarray, ids: np.ndarray, repeats: int) -> float:
@@ -174,8 +142,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    print(f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rates = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
+    print(f"# {cpu_name()}, {cores_available()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    # The rate runs record (gdfo_ray/machine.py), measured for longer here: the floor a run's ratio is read against.
+    rates = {"float32": matmul_rate("float32", seconds=2.0), "bfloat16": matmul_rate("bfloat16", seconds=2.0)}
     print(f"# matmul rate: float32 {rates['float32'] / 1e9:.0f} GFLOP/s, bfloat16 {rates['bfloat16'] / 1e9:.0f} GFLOP/s")
     rows = []
     plain = None
@@ -187,7 +156,7 @@ def main(argv=None) -> int:
         t_build = time.perf_counter()
         teacher.query(prompts[:1], "train", ids)  # builds the prefix cache where there is one
         first = time.perf_counter() - t_build
-        flops = flops_per_call(teacher, prompts, ids)
+        flops = teacher.flops_per_call("train", ids)  # one prompt of the call's length, one row at a time
         floor = flops / rates[dtype]
         call = time_pool_call(teacher, prompts, ids, args.repeats)
         if plain is None:

@@ -807,9 +807,7 @@ ADDED_SETTINGS: dict = {"model.record_answers": None, "task.max_text_chars": Non
 def resumed_config_dict(saved: Mapping[str, Any]) -> dict:
     """A saved run's config as a full nested dict: today's defaults, the saved values over them, and a setting
     added since it was saved at the value :data:`ADDED_SETTINGS` gives (what reproduces that run)."""
-    merged = deep_merge(GDFOConfig().to_dict(), saved)
-    flat_saved = flatten_config(saved)
-    return apply_overrides(merged, {k: v for k, v in ADDED_SETTINGS.items() if k not in flat_saved})
+    return apply_overrides(GDFOConfig().to_dict(), flatten_saved_config(saved))
 
 
 def flatten_saved_config(saved: Mapping[str, Any]) -> dict:

@@ -331,12 +331,13 @@ class HttpTeacher(BaseTeacher):
                             "ask the service for a higher limit."
                         )
         hidden = int(info["hidden_size"])
-        if self._body_room(self.n_prompt_tokens, hidden) <= 0:
+        room = self._body_room(self.n_prompt_tokens, hidden)
+        if room <= 0:
             raise TeacherError(f"A prompt of {self.n_prompt_tokens} tokens of {hidden} floats does not fit the "
                                f"service's max_body_mb={limits.get('max_body_mb')}: lower prompt.n_prompt_tokens.")
         for split in ("train", "dev", "test"):
             items, sizes = self._split_inputs(split)
-            if len(items) and self._body_room(self.n_prompt_tokens, hidden) < sizes.max():
+            if len(items) and room < sizes.max():
                 raise TeacherError(f"One input of the {split} split takes {sizes.max()} bytes, more than a request "
                                    f"to the service may hold beside the prompt (max_body_mb="
                                    f"{limits.get('max_body_mb')}): set task.max_text_chars lower.")

@@ -15,7 +15,7 @@ from ray.util.metrics import Counter, Gauge
 
 RUN_TAGS = ("run", "task", "method")
 
-# Gauge name -> (what it holds, the history row's key or a function of the row and the run's budget).
+# Gauge name -> (what it holds, the history row's key; None: derived from the row and the budget in RunMetrics).
 RUN_GAUGES = {
     "gdfo_calls_spent": ("Black-box calls on the train batch spent so far.", "calls"),
     "gdfo_calls_left": ("Black-box calls left in the run's budget.", None),
