@@ -50,7 +50,9 @@ def build(args, variant: str):
     config = GDFOConfig.from_dict({
         "task": {"name": args.task, "prompt_placement": placement},
         "model": {"teacher": args.teacher, "dtype": dtype, "kv_cache": kv, "compile": compiled,
-                  **({"max_rows_per_forward": args.rows_per_forward} if args.rows_per_forward else {})},
+                  **({"max_rows_per_forward": args.rows_per_forward} if args.rows_per_forward else {}),
+                  **({"max_tokens_per_forward": args.tokens_per_forward or None}
+                     if args.tokens_per_forward is not None else {})},
         "prompt": {"n_prompt_tokens": args.prompt_tokens},
         "pool": {"backend": "local"},
     })
@@ -136,6 +138,8 @@ def main(argv=None) -> int:
                    choices=list(VARIANTS), help="fp32-compile is left out by default: its first call compiles "
                    "for about 2 minutes on 2 cores")
     p.add_argument("--rows-per-forward", type=int, default=None, help="model.max_rows_per_forward (default: config's)")
+    p.add_argument("--tokens-per-forward", type=int, default=None,
+                   help="model.max_tokens_per_forward (0: no limit; default: config's)")
     p.add_argument("--generations", type=int, default=3, help="for (d); 0 skips it")
     p.add_argument("--generation-dtype", default="float32")
     p.add_argument("--generation-placement", default="prefix")

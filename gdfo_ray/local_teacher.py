@@ -31,12 +31,14 @@ class LocalTeacher(BaseTeacher):
             {"train": data.train, "dev": data.dev, "test": data.test}, readout="verbalizer",
             dtype=config.model.dtype, device=config.model.device, max_text_tokens=config.task.max_text_tokens,
             max_rows_per_forward=config.model.max_rows_per_forward, need_lm_head=True,
+            max_tokens_per_forward=config.model.max_tokens_per_forward,
         )
         self.lm.requires_grad_(False)
         if config.model.compile:
             body = self.lm.model.base_model
             body.forward = torch.compile(body.forward, dynamic=True)
         self._layer_std: Optional[tuple] = None
+        self._share_prompts = config.model.kv_cache
         if config.model.kv_cache:
             self.lm.cache_prefixes(["train", "dev"])  # scored in every call / every E calls; test only twice
 
@@ -58,22 +60,31 @@ class LocalTeacher(BaseTeacher):
         if p.ndim == 4:  # (k, L, n, h): layer 0 at the embeddings, the others on the hidden states
             owner = torch.arange(k, device=self.lm.device).repeat_interleave(b)
             p, deep = p[:, 0], DeepPrompts(p[:, 1:], owner)
-        rows_p = p.repeat_interleave(b, dim=0)  # candidate-major: row i*b + j = (candidate i, example j)
-        rows = np.tile(np.asarray(example_ids), k)
+        rows = np.tile(np.asarray(example_ids), k)  # candidate-major: row i*b + j = (candidate i, example j)
         with torch.inference_mode():
-            logits = self.lm(rows_p, rows, split, deep=deep)
+            if deep is None and self._share_prompts:
+                logits = self.lm.forward_shared(p, np.arange(k).repeat(b), rows, split)
+            else:
+                logits = self.lm(p.repeat_interleave(b, dim=0), rows, split, deep=deep)
         return logits.reshape(k, b, -1).cpu().numpy()
 
     def flops_per_call(self, split: str, example_ids: np.ndarray) -> Optional[float]:
-        """Counted by torch on one prompt, one row at a time: the work a call cannot do without."""
+        """The work a call cannot do without: torch's count of one prompt's query, one row per forward.
+
+        One row per forward leaves no padding; what the query shares between rows (a
+        prompt's states, the text's cached states) is counted as the query does it.
+        """
         from torch.utils.flop_counter import FlopCounterMode
 
-        n = self._n_prompt_tokens
-        p = torch.zeros((1, n, self.lm.hidden_size), dtype=torch.float32, device=self.lm.device)
-        counter = FlopCounterMode(display=False)
-        with counter, torch.inference_mode():
-            for i in np.asarray(example_ids).tolist():
-                self.lm(p, np.asarray([i]), split)
+        p = np.zeros((1, self._n_prompt_tokens, self.lm.hidden_size), dtype=np.float32)
+        rows_per_forward, self.lm.max_rows = self.lm.max_rows, 1
+        try:
+            self.query(p, split, np.asarray(example_ids)[:1])  # caches the split's text states, if it has them, uncounted
+            counter = FlopCounterMode(display=False)
+            with counter:
+                self.query(p, split, example_ids)
+        finally:
+            self.lm.max_rows = rows_per_forward
         return float(counter.get_total_flops())
 
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,

@@ -68,6 +68,7 @@ class StudentModel(nn.Module):
                 readout="verbalizer" if self.spec.kind == "oracle" else "verbalizer_residual",
                 dtype=config.model.dtype, device=config.model.device, max_text_tokens=config.task.max_text_tokens,
                 max_rows_per_forward=config.model.max_rows_per_forward, need_lm_head=True, layers=self.spec.layers,
+                max_tokens_per_forward=config.model.max_tokens_per_forward,
             )
             if config.model.kv_cache and not config.student.train_body:
                 self.lm.cache_prefixes(["train"])

@@ -19,6 +19,25 @@ from gdfo_ray.tasks import Split, TaskSpec, text_first_template
 READOUTS = ("verbalizer", "linear", "verbalizer_residual")
 
 
+def length_chunks(lengths: Sequence[int], max_rows: int, max_tokens: "int | None") -> list:
+    """Row indices in forwards of similar lengths (length bucketing), shortest first.
+
+    A forward holds at most ``max_rows`` rows and, padded to its longest row, at most
+    ``max_tokens`` tokens (one row at least): long rows then go in smaller forwards,
+    so padding stays a small share of the work.
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    chunks, start = [], 0
+    while start < len(order):
+        stop = min(start + max_rows, len(order))
+        if max_tokens is not None:
+            while stop - start > 1 and (stop - start) * lengths[order[stop - 1]] > max_tokens:
+                stop -= 1
+        chunks.append(order[start:stop])
+        start = stop
+    return chunks
+
+
 class PromptedLM(nn.Module):
     """A transformer body with prompt embeddings injected at ``{prompt}`` and a C-way readout.
 
@@ -32,11 +51,13 @@ class PromptedLM(nn.Module):
     """
 
     def __init__(self, tokenizer, model, kind: str, spec: TaskSpec, readout: str, model_name: str,
-                 max_text_tokens: int = 128, max_rows_per_forward: int = 256, separate_text: bool = False):
+                 max_text_tokens: int = 128, max_rows_per_forward: int = 256, separate_text: bool = False,
+                 max_tokens_per_forward: "int | None" = None):
         super().__init__()
         self.tokenizer, self.model, self.kind, self.spec = tokenizer, model, kind, spec
         self.max_text_tokens = max_text_tokens
         self.max_rows = max_rows_per_forward
+        self.max_tokens = max_tokens_per_forward
         # The text first and the tokens before {prompt} attending only to each other, as in a causal LM:
         # for an encoder a different model from the plain one, whose text tokens see the prompt.
         self.separate_text = separate_text
@@ -92,21 +113,23 @@ class PromptedLM(nn.Module):
     def forward(self, prompts: torch.Tensor, rows: np.ndarray, split: str,
                 deep: "DeepPrompts | None" = None) -> torch.Tensor:
         """Scores of R rows: ``prompts`` (R, n, h) with ``rows`` (R,) example indices -> (R, C)."""
-        enc = self.encoded[split]
-        if split in self.cached_splits and split not in self._prefix_kv:  # decided once per split
+        return self.score(prompts, rows, self.encoded[split], prefix_kv=self._text_cache(split), deep=deep)
+
+    def _text_cache(self, split: str):
+        """The split's cached states of the tokens before the prompt, or None; decided once per split."""
+        if split in self.cached_splits and split not in self._prefix_kv:
+            enc = self.encoded[split]
             pays = self.separate_text or self._prefix_pays(enc)
             self._prefix_kv[split] = self._compute_prefix_kv(enc) if pays else None
-        return self.score(prompts, rows, enc, prefix_kv=self._prefix_kv.get(split), deep=deep)
+        return self._prefix_kv.get(split)
 
     def score(self, prompts: torch.Tensor, rows: np.ndarray, enc: EncodedSplit, prefix_kv=None,
               deep: "DeepPrompts | None" = None) -> torch.Tensor:
         """As :meth:`forward`, on examples encoded elsewhere (a service's request)."""
         n = prompts.shape[1]
-        lengths = np.asarray([len(enc.before[r]) + n + len(enc.after[r]) for r in rows])
-        order = np.argsort(lengths, kind="stable")  # length bucketing: similar lengths share a chunk
+        lengths = [len(enc.before[r]) + n + len(enc.after[r]) for r in rows]
         out = [None] * len(rows)
-        for start in range(0, len(rows), self.max_rows):
-            chunk = order[start:start + self.max_rows]
+        for chunk in length_chunks(lengths, self.max_rows, self.max_tokens):
             index = torch.as_tensor(chunk)
             chunk_prompts, chunk_rows = prompts[index], [rows[i] for i in chunk]
             chunk_deep = None if deep is None else deep.values[deep.owner[index]]
@@ -122,6 +145,72 @@ class PromptedLM(nn.Module):
             for j, i in enumerate(chunk):
                 out[i] = scores[j]
         return torch.stack(out)
+
+    def forward_shared(self, prompts: torch.Tensor, owner: np.ndarray, rows: np.ndarray, split: str) -> torch.Tensor:
+        """Scores of R rows where row i reads prompt ``owner[i]`` of ``prompts`` (k, n, h) -> (R, C)."""
+        return self.score_shared(prompts, owner, rows, self.encoded[split], prefix_kv=self._text_cache(split))
+
+    def score_shared(self, prompts: torch.Tensor, owner: np.ndarray, rows: np.ndarray, enc: EncodedSplit,
+                     prefix_kv=None) -> torch.Tensor:
+        """As :meth:`forward_shared`, on examples encoded elsewhere (a service's requests).
+
+        In a causal LM the tokens before a row's text (the template's head and the prompt)
+        do not see the text. When every row of a prompt has the same head, that prefix's
+        key/value states are computed once per prompt and each row runs only its own
+        tokens: with BBT's ``{prompt} {text}`` placement a call then does the prompt's work
+        once, not once per example. Anything else (an encoder, heads that differ within a
+        prompt, such as the text before a suffix prompt; no prompt tokens; a row read at
+        the prompt's last token, with no tokens of its own) takes the per-row path.
+        """
+        owner, rows = np.asarray(owner), np.asarray(rows)
+        heads = self._shared_heads(enc, owner, rows, len(prompts))
+        if heads is None or prompts.shape[1] == 0 or any(not enc.after[r] for r in rows):
+            return self.score(prompts[host_tensor(owner, prompts.device)], rows, enc, prefix_kv=prefix_kv)
+        prefix_kv = self._compute_prompt_kv(prompts, heads)
+        none = prompts.new_zeros((1, 0, self.hidden_size))
+        out = [None] * len(rows)
+        for chunk in length_chunks([len(enc.after[r]) for r in rows], self.max_rows, self.max_tokens):
+            scores = self._forward_chunk_cached(none.expand(len(chunk), -1, -1), rows[chunk].tolist(), enc,
+                                                prefix_kv, kv_rows=owner[chunk])
+            for j, i in enumerate(chunk):
+                out[i] = scores[j]
+        return torch.stack(out)
+
+    def _shared_heads(self, enc: EncodedSplit, owner: np.ndarray, rows: np.ndarray, k: int) -> "list | None":
+        """Each prompt's template head (the ids before ``{prompt}``), or None where the rows of a prompt differ."""
+        if self.kind != "causal_lm" or self.separate_text:
+            return None
+        heads: list = [None] * k
+        for c, r in zip(owner.tolist(), rows.tolist()):
+            if heads[c] is None:
+                heads[c] = enc.before[r]
+            elif heads[c] != enc.before[r]:
+                return None
+        return [h if h is not None else [] for h in heads]
+
+    def _compute_prompt_kv(self, prompts: torch.Tensor, heads: list) -> tuple:
+        """Keys and values of each prompt behind its template head, right-padded to the longest (k rows)."""
+        from transformers import DynamicCache
+
+        n = prompts.shape[1]
+        lengths = torch.as_tensor([len(h) + n for h in heads], device=self.device)
+        width = int(lengths.max())
+        tables: list = []
+        with torch.no_grad():
+            for start in range(0, len(heads), self.max_rows):
+                part = heads[start:start + self.max_rows]
+                ids, mask = self._padded([h + [self.pad_id] * n for h in part], width)
+                embeds = self.embeddings(ids)
+                at = torch.as_tensor([len(h) for h in part], device=self.device)[:, None] + torch.arange(
+                    n, device=self.device)
+                owner = torch.arange(len(part), device=self.device)[:, None].expand(-1, n)
+                embeds = embeds.index_put((owner, at), prompts[start:start + len(part)].to(embeds.dtype))
+                cache = DynamicCache()
+                self.model.base_model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True)
+                tables.append([(layer.keys, layer.values) for layer in cache.layers])
+        layers = [(torch.cat([t[i][0] for t in tables]), torch.cat([t[i][1] for t in tables]))
+                  for i in range(len(tables[0]))]
+        return lengths, layers
 
     def transformer_layers(self) -> nn.ModuleList:
         """The body's stack of layers, where deep prompts go in (Llama/Mistral/Qwen, BERT/RoBERTa, GPT-2)."""
@@ -304,13 +393,14 @@ class DeepPrompts:
 
 def build_prompted_lm(name: str, kind: str, spec: TaskSpec, splits: dict, *, readout: str, dtype: str,
                       device: str, max_text_tokens: int, max_rows_per_forward: int,
-                      need_lm_head: bool, separate_text: bool = False, layers: "int | None" = None) -> PromptedLM:
+                      need_lm_head: bool, separate_text: bool = False, layers: "int | None" = None,
+                      max_tokens_per_forward: "int | None" = None) -> PromptedLM:
     dtype = resolve_dtype(dtype, pick_device(device))
     tokenizer, model, kind = load_lm(name, kind, dtype, need_lm_head=need_lm_head, layers=layers)
     if readout == "auto":
         readout = "linear" if kind == "encoder" else "verbalizer"
     lm = PromptedLM(tokenizer, model, kind, spec, readout, name, max_text_tokens, max_rows_per_forward,
-                    separate_text=separate_text)
+                    separate_text=separate_text, max_tokens_per_forward=max_tokens_per_forward)
     for split_name, split in splits.items():
         lm.add_split(split_name, split)
     return lm.to(pick_device(device))

@@ -131,7 +131,8 @@ class ModelScorer:
                 spec = TaskSpec("request", req.verbalizer, req.verbalizer, req.pairs is not None, "accuracy", "ce",
                                 req.template, req.template)
                 view = PromptedLM(self.tokenizer, self.model, self.kind, spec, "verbalizer", str(self.config.model),
-                                  req.max_text_tokens, self.config.max_rows_per_forward)
+                                  req.max_text_tokens, self.config.max_rows_per_forward,
+                                  max_tokens_per_forward=self.config.max_tokens_per_forward)
                 self._views[key] = view
                 while len(self._views) > 64:
                     self._views.popitem(last=False)
@@ -231,12 +232,12 @@ class ModelScorer:
                 before += item.enc.before
                 after += item.enc.after
                 slots.append(item.enc.slot)
-                prompts.append(np.broadcast_to(item.prompt, (item.rows, *item.prompt.shape)))
+                prompts.append(item.prompt)
             merged = EncodedSplit(before, after, np.concatenate(slots))
-            device = view.device
+            owner = np.repeat(np.arange(len(members)), [batch[i].rows for i in members])
             with torch.inference_mode():
-                p = torch.tensor(np.concatenate(prompts), dtype=torch.float32, device=device)
-                logits = view.score(p, np.arange(len(before)), merged).cpu().numpy()
+                p = torch.tensor(np.stack(prompts), dtype=torch.float32, device=view.device)
+                logits = view.score_shared(p, owner, np.arange(len(before)), merged).cpu().numpy()
             start = 0
             for i in members:
                 outs[i] = logits[start:start + batch[i].rows]

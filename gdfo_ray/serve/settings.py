@@ -23,6 +23,7 @@ class ServeConfig:
         kind, dtype, device, threads: how the model is loaded and run.
         max_batch_rows: (prompt x input) rows one batch may take across concurrent requests.
         max_rows_per_forward: rows per forward inside a batch (small chunks stay in cache).
+        max_tokens_per_forward: tokens per forward, padding included (as ``model.max_tokens_per_forward``).
         max_inputs, max_text_chars, max_text_tokens, max_prompt_tokens, max_classes: request limits.
         max_body_mb: largest request body (after decompression); a larger declared
             ``Content-Length`` is refused before anything is read.
@@ -51,6 +52,7 @@ class ServeConfig:
     threads: int = 0
     max_batch_rows: int = 256
     max_rows_per_forward: int = 64
+    max_tokens_per_forward: Optional[int] = 1024
     max_inputs: int = 512
     max_text_chars: int = 4000
     max_text_tokens: int = 128
@@ -76,6 +78,8 @@ class ServeConfig:
         for name in ("max_batch_rows", "max_rows_per_forward", "max_inputs", "max_text_chars", "max_text_tokens", "max_prompt_tokens",
                      "max_queue", "rate_burst", "idempotency_cache", "simulate_hidden"):
             check_int(name, getattr(self, name), 1)
+        if self.max_tokens_per_forward is not None:
+            check_int("max_tokens_per_forward", self.max_tokens_per_forward, 1)
         check_int("max_classes", self.max_classes, 2)
         check_int("threads", self.threads, 0)
         check_positive("max_body_mb", self.max_body_mb)

@@ -100,6 +100,26 @@ def test_cached_text_states_with_the_prompt_after_the_text_equal_the_full_model(
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["causal", "masked", "suffix"])
+def test_rows_sharing_a_prompt_score_as_the_full_model(tiny_models, which, monkeypatch):
+    from gdfo_ray.models.prompted import PromptedLM
+
+    lm = _suffix_lm(tiny_models["causal"], max_rows=4) if which == "suffix" else _lm(tiny_models[which], max_rows=4)
+    if which == "suffix":
+        lm.cache_prefixes(["train"])
+    computed = []
+    original = PromptedLM._compute_prompt_kv
+    monkeypatch.setattr(PromptedLM, "_compute_prompt_kv", lambda self, *a: computed.append(1) or original(self, *a))
+    prompts = torch.randn(3, 2, lm.hidden_size) * 0.5
+    owner, rows = np.repeat([0, 1, 2], 3), np.tile([0, 1, 2], 3)
+    with torch.no_grad():
+        shared = lm.forward_shared(prompts, owner, rows, "train")
+        plain = _plain_hf_logits(lm, prompts[torch.as_tensor(owner)], rows)
+    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
+    # The prompt's states are computed once per call only where the rows of a prompt share the text before it.
+    assert computed == ([1] if which == "causal" else [])
+
+
 def test_bfloat16_weights_stay_within_the_stated_tolerance(tiny_models):
     full, half = _suffix_lm(tiny_models["causal"]), _suffix_lm(tiny_models["causal"], dtype="bfloat16")
     half.cache_prefixes(["train"])
@@ -191,3 +211,17 @@ def test_a_student_with_a_trained_body_caches_no_text_states(tiny_config, tiny_m
     trainer = StudentTrainer(config, data)
     trainer.predict(np.zeros(config.prompt.intrinsic_dim), "train", np.arange(len(data.train)))
     assert not trainer.model.lm.cached_splits and not trainer.model.lm._prefix_kv
+
+
+def test_forwards_of_similar_lengths_stay_within_their_token_budget():
+    from gdfo_ray.models.prompted import length_chunks
+
+    lengths = [30, 5, 12, 5, 30, 7, 12, 50]
+    chunks = length_chunks(lengths, max_rows=3, max_tokens=40)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for chunk in chunks:
+        longest = max(lengths[i] for i in chunk)
+        assert len(chunk) <= 3 and (len(chunk) == 1 or len(chunk) * longest <= 40)
+    # Shortest first, and a row longer than the budget still goes, alone.
+    assert [lengths[i] for c in chunks for i in c] == sorted(lengths) and list(chunks[-1]) == [7]
+    assert [len(c) for c in length_chunks(lengths, max_rows=3, max_tokens=None)] == [3, 3, 2]
