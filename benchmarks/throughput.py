@@ -4,8 +4,9 @@ For the default teacher on one population x the SST-2 training batch (lambda
 prompts x 32 examples), it prints:
 
 (a) the floor: the floating-point work of a call (the transformer over every
-    example's real tokens, no padding, one readout) over this machine's measured
-    matrix-multiply rate in the same dtype;
+    example's real tokens, no padding, one readout; a prompt's states once per prompt
+    where its rows share them) over this machine's measured matrix-multiply rate in
+    the same dtype;
 (b) the plain Hugging Face forward of the same population x batch: prompt embeddings
     injected, padded to the longest row, the full vocabulary head at every position
     (in chunks of 64 rows);
@@ -119,12 +120,14 @@ def generation_split(args) -> dict:
                                         "prompt_placement": args.generation_placement},
             "model": {"teacher": args.teacher, "dtype": args.generation_dtype},
             "search": {"budget_calls": args.generations * 17, "eval_every_calls": 10**6},
-            "pool": {"backend": "local"},
+            "pool": {"backend": args.generation_backend},
         })
         result = run(config, progress=None)
     rows = result.history[1:] or result.history  # the first generation also builds caches
     keys = ("teacher_s", "student_s", "optimizer_s", "eval_s", "other_s", "step_s")
-    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    split = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    floor = result.summary.get("floor_s_per_call") or float("nan")
+    return {**split, "s_per_call_over_floor": split["teacher_s"] / args.popsize / floor}
 
 
 def main(argv=None) -> int:
@@ -143,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--generations", type=int, default=3, help="for (d); 0 skips it")
     p.add_argument("--generation-dtype", default="float32")
     p.add_argument("--generation-placement", default="prefix")
+    p.add_argument("--generation-backend", default="ray", choices=("ray", "local"),
+                   help="ray: actors, as `make run` (the default); local: everything in this process")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -183,7 +188,9 @@ def main(argv=None) -> int:
         split = generation_split(args)
         step = split["step_s"]
         print(f"\n(d) one generation of gdfo ({args.generation_dtype}, {args.generation_placement} placement, "
-              f"lambda {args.popsize}), mean of generations 2..{args.generations}:\n")
+              f"{args.generation_backend} backend, lambda {args.popsize}), mean of generations 2..{args.generations}; "
+              f"teacher {split['teacher_s'] / args.popsize:.3f} s per call, {split['s_per_call_over_floor']:.2f}x "
+              f"the floor the run measured:\n")
         print("| part | seconds | share |")
         print("|---|---|---|")
         for key, label in (("teacher_s", "teacher"), ("student_s", "student"), ("optimizer_s", "optimizer"),

@@ -171,20 +171,33 @@ class StudentLane:
     The driver may leave a call in flight (the student predicting a population, or
     distilling the last one) while it waits on the teacher; a later call queues
     behind it, so the order, and with it the result, is that of a sequential run.
+    A student that computes in this process (``in_process``) shares the teacher's
+    cores, so its calls run at once, in place, rather than beside the teacher's
+    forward: on 2 cores the overlap made each teacher call 20% slower.
     """
 
     def __init__(self, student):
         self.student = student
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gdfo-student")
+        self._executor = None
+        if not getattr(student, "in_process", False):
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="gdfo-student")
 
     def submit(self, method: str, *args) -> Future:
-        return self._executor.submit(getattr(self.student, method), *args)
+        if self._executor is not None:
+            return self._executor.submit(getattr(self.student, method), *args)
+        done: Future = Future()
+        try:
+            done.set_result(getattr(self.student, method)(*args))
+        except Exception as error:  # handed to the caller, as the thread's future would
+            done.set_exception(error)
+        return done
 
     def call(self, method: str, *args):
         return self.submit(method, *args).result()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
 
 class _LaneProxy:

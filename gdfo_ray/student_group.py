@@ -24,6 +24,7 @@ class StudentGroup:
         if not workers:
             raise ValueError("A StudentGroup needs at least one worker.")
         self.workers = workers
+        self.in_process = call is None  # it computes here, on the driver's cores
         self._call = call or (lambda w, method, *args: getattr(w, method)(*args))
         self._gather = gather or (lambda handles: list(handles))
 

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from gdfo_ray.config import GDFOConfig, apply_overrides
+from gdfo_ray.config import GDFOConfig, apply_overrides, flatten_config
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 METRIC = "dev_score"
@@ -82,6 +82,26 @@ def validate_space(space: Mapping[str, Any], base: dict) -> dict:
             raise ConfigError(f"tune space {key!r}: loguniform needs low > 0, got {args!r}.")
         out[key] = {kind: list(args)}
     return out
+
+
+def base_point(space: Mapping[str, Any], base: Mapping[str, Any]) -> Optional[dict]:
+    """The base config's own values of the searched keys, where every one lies in the space (else None).
+
+    The sweep's first trial, so that what it finds is compared with what the base
+    config already does (for the update's search: today's update, on the same seeds).
+    """
+    flat = flatten_config(GDFOConfig.from_dict(dict(base)).to_dict())
+    point = {}
+    for key, spec in space.items():
+        (kind, args), = spec.items()
+        value = flat.get(key)
+        inside = value in args if kind == "choice" else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and args[0] <= value <= args[1]
+            and (kind != "randint" or value < args[1]))
+        if not inside:
+            return None
+        point[key] = value
+    return point
 
 
 def _tune_space(space: Mapping[str, Any]) -> dict:
@@ -285,7 +305,11 @@ def tune_run(settings: TuneSettings, resume: bool = False, say: Callable[[str], 
                                 "it, or choose another --name.")
             budget_calls = settings.config.search.budget_calls
             grace = settings.grace_calls or max(1, budget_calls // 4)
-            searcher = OptunaSearch(metric=METRIC, mode="max", seed=settings.seed)
+            first = base_point(settings.space, settings.base)
+            say("[tune] first trial: the base config's own values" if first else
+                "[tune] the base config's values lie outside the space; no trial runs them")
+            searcher = OptunaSearch(metric=METRIC, mode="max", seed=settings.seed,
+                                    points_to_evaluate=[first] if first else None)
             if settings.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=budget_calls, grace_period=min(grace, budget_calls),

@@ -157,3 +157,15 @@ def test_trial_actors_run_inside_the_trials_placement_group(local_ray, tiny_mode
     result = tune_run(sweep, say=lambda _: None)
     trials = pq.read_table(result.trials_path).to_pylist()
     assert len(trials) == 2 and all(t["error"] is None and t["calls"] > 0 for t in trials)
+
+
+def test_the_first_trial_is_the_base_configs_own_update_where_the_space_holds_it():
+    from gdfo_ray.tune import base_point
+
+    space = {"harmonize.gate": {"choice": ["rho", "none"]}, "harmonize.eta": {"uniform": [0.1, 1.0]},
+             "search.popsize": {"randint": [6, 31]}}
+    base = {"search": {"popsize": 12}, "harmonize": {"eta": 0.3}}
+    assert base_point(space, base) == {"harmonize.gate": "rho", "harmonize.eta": 0.3, "search.popsize": 12}
+    assert base_point(space, {"harmonize": {"eta": 1.5}}) is None  # outside the uniform range
+    assert base_point(space, {"search": {"popsize": 31}}) is None  # randint's upper end is excluded
+    assert base_point({"harmonize.gate": {"choice": ["none"]}}, {}) is None

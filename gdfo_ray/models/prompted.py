@@ -19,19 +19,22 @@ from gdfo_ray.tasks import Split, TaskSpec, text_first_template
 READOUTS = ("verbalizer", "linear", "verbalizer_residual")
 
 
-def length_chunks(lengths: Sequence[int], max_rows: int, max_tokens: "int | None") -> list:
+def length_chunks(lengths: Sequence[int], max_rows: int, max_tokens: "int | None",
+                  new_tokens: "Sequence[int] | None" = None) -> list:
     """Row indices in forwards of similar lengths (length bucketing), shortest first.
 
     A forward holds at most ``max_rows`` rows and, padded to its longest row, at most
     ``max_tokens`` tokens (one row at least): long rows then go in smaller forwards,
-    so padding stays a small share of the work.
+    so padding stays a small share of the work. ``new_tokens`` counts, where rows read
+    cached states, only the tokens a forward computes (default: ``lengths``).
     """
     order = np.argsort(np.asarray(lengths), kind="stable")
+    cost = np.asarray(lengths if new_tokens is None else new_tokens)
     chunks, start = [], 0
     while start < len(order):
         stop = min(start + max_rows, len(order))
         if max_tokens is not None:
-            while stop - start > 1 and (stop - start) * lengths[order[stop - 1]] > max_tokens:
+            while stop - start > 1 and (stop - start) * cost[order[start:stop]].max() > max_tokens:
                 stop -= 1
         chunks.append(order[start:stop])
         start = stop
@@ -128,8 +131,10 @@ class PromptedLM(nn.Module):
         """As :meth:`forward`, on examples encoded elsewhere (a service's request)."""
         n = prompts.shape[1]
         lengths = [len(enc.before[r]) + n + len(enc.after[r]) for r in rows]
+        cached = prefix_kv is not None or self.separate_text  # the text before the prompt is not recomputed
+        new_tokens = [n + len(enc.after[r]) for r in rows] if cached else None
         out = [None] * len(rows)
-        for chunk in length_chunks(lengths, self.max_rows, self.max_tokens):
+        for chunk in length_chunks(lengths, self.max_rows, self.max_tokens, new_tokens):
             index = torch.as_tensor(chunk)
             chunk_prompts, chunk_rows = prompts[index], [rows[i] for i in chunk]
             chunk_deep = None if deep is None else deep.values[deep.owner[index]]

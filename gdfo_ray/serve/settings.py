@@ -52,7 +52,7 @@ class ServeConfig:
     threads: int = 0
     max_batch_rows: int = 256
     max_rows_per_forward: int = 64
-    max_tokens_per_forward: Optional[int] = 1024
+    max_tokens_per_forward: Optional[int] = 2048
     max_inputs: int = 512
     max_text_chars: int = 4000
     max_text_tokens: int = 128
