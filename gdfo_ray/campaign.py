@@ -69,6 +69,8 @@ class CampaignConfig:
             have 8 13 42 50 60, the others 13 21 42 87 100). The split used is recorded.
         cell_cpus, cell_gpus: resources of one cell's Ray task; cells run in parallel as
             the cluster's resources allow. The cell's torch uses ``cell_cpus`` threads.
+            None: :func:`cell_threads`'s rule, one per cell while a campaign has a cell
+            for every core of a node, so that cells fill the machine.
         max_retries: how often Ray reruns a cell whose worker died (it resumes from
             its checkpoint). A cell that raises is not retried; it is recorded as failed.
         ray_address: a cluster to join, or ``local``; as ``pool.ray_address`` of a run.
@@ -83,7 +85,7 @@ class CampaignConfig:
     budget: Optional[int] = None
     base: Mapping[str, Any] = field(default_factory=dict)
     split_seeds: str = "auto"
-    cell_cpus: float = 2.0
+    cell_cpus: Optional[float] = None
     cell_gpus: float = 0.0
     max_retries: int = 1
     ray_address: Optional[str] = None
@@ -104,7 +106,7 @@ class CampaignConfig:
             raise ConfigError(f"bench: methods {bad} are unknown; allowed: {list(RUN_LABELS)}.")
         if self.split_seeds not in SPLIT_SEED_MODES:
             raise ConfigError(f"bench: split_seeds must be one of {list(SPLIT_SEED_MODES)}, got {self.split_seeds!r}.")
-        if self.cell_cpus <= 0 or self.cell_gpus < 0:
+        if (self.cell_cpus is not None and self.cell_cpus <= 0) or self.cell_gpus < 0:
             raise ConfigError(f"bench: cell_cpus must be > 0 and cell_gpus >= 0, got {self.cell_cpus}, {self.cell_gpus}.")
         object.__setattr__(self, "results_dir", os.path.abspath(self.results_dir))
         object.__setattr__(self, "base", dict(self.base))
@@ -133,7 +135,7 @@ def plan(campaign: CampaignConfig) -> list[Cell]:
             # Relative to the campaign directory, so that its results can move; run_cell resolves it.
             overrides = {**label_settings(label), "task.name": task, "seed": int(seed),
                          "output_dir": os.path.join("runs", f"{task}_{label}_seed{seed}"),
-                         "pool.backend": "local", "pool.torch_threads": max(1, int(campaign.cell_cpus))}
+                         "pool.backend": "local", "pool.torch_threads": max(1, int(campaign.cell_cpus or 1))}
             if campaign.budget is not None:
                 overrides["search.budget_calls"] = campaign.budget
             assigned[seed] = _split_seed(campaign, base, task, seed, assigned)
@@ -141,6 +143,24 @@ def plan(campaign: CampaignConfig) -> list[Cell]:
             config = GDFOConfig.from_dict(apply_overrides(_merged_base(campaign.base), overrides))
             cells.append(Cell(task, int(seed), label, config))
     return cells
+
+
+def cell_threads(node_cores: int, cells_left: int) -> int:
+    """Torch threads (and CPUs) per cell: one while the cells left can fill a node's cores, else the cores shared.
+
+    Cells are independent runs. Measured with ``benchmarks/campaign_fill.py`` on a 2-core AMD
+    EPYC, two cells of one thread each scored more calls a second than one cell of two
+    threads (docs/performance.md): a small model's forwards do not keep two threads busy, and
+    two processes share nothing. With fewer cells than cores, each takes a share of them.
+    """
+    return max(1, node_cores // max(1, min(cells_left, node_cores)))
+
+
+def _node_cores() -> int:
+    """CPUs of the largest live node of the Ray cluster this process is connected to."""
+    import ray
+
+    return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)) or 1
 
 
 def _merged_base(base: Mapping[str, Any]) -> dict:
@@ -403,14 +423,18 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
     if not todo:
         return result
     root = data_root(campaign)
-    calls = {cell.name: (cell.config.to_dict(), campaign.results_dir, root) for cell in todo}
     by_name = {cell.name: cell for cell in todo}
     t0 = time.time()
     with ray_session(campaign.ray_address):
+        cpus = campaign.cell_cpus or cell_threads(_node_cores(), len(todo))
+        say(f"[bench] {cpus:g} CPU(s) and {max(1, int(cpus))} torch thread(s) per cell"
+            + ("" if campaign.cell_cpus else " (cell_threads's rule)"))
+        calls = {cell.name: (apply_overrides(cell.config.to_dict(), {"pool.torch_threads": max(1, int(cpus))}),
+                             campaign.results_dir, root) for cell in todo}
         from gdfo_ray.distributed.metrics import CampaignMetrics
 
         metrics = CampaignMetrics(os.path.basename(os.path.normpath(campaign.results_dir)), len(skipped), len(todo))
-        for name, out, error in as_completed(run_cell, calls, num_cpus=campaign.cell_cpus,
+        for name, out, error in as_completed(run_cell, calls, num_cpus=cpus,
                                              num_gpus=campaign.cell_gpus, max_retries=campaign.max_retries):
             cell = by_name[name]
             if error is not None:  # a cell's own error: record it, the others go on

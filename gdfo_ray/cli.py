@@ -240,7 +240,8 @@ class _Bench(_BaseCommand):
         parser.add_argument("--split-seeds", default=d["split_seeds"], choices=SPLIT_SEED_MODES,
                             help="auto: a task without a split for a seed uses one of its other splits")
         parser.add_argument("--cell-cpus", type=float, default=d["cell_cpus"],
-                            help="CPUs per cell (also its torch threads)")
+                            help="CPUs per cell (also its torch threads); default: one per cell while the cells "
+                                 "left fill a node's cores, else the cores shared (campaign.cell_threads)")
         parser.add_argument("--cell-gpus", type=float, default=d["cell_gpus"], help="GPUs per cell")
         parser.add_argument("--max-retries", type=int, default=d["max_retries"],
                             help="reruns of a cell whose worker died")

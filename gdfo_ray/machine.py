@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import time
 from typing import Optional
 
@@ -51,9 +52,9 @@ def matmul_rate(dtype: str = "float32", device: str = "cpu", seconds: float = 0.
 
     Products of (m x 576) by (576 x 1536), SmolLM2's widths, with m grown from 64 up to 1024 while
     a product stays short, repeated for about ``seconds``: a second or less even where the dtype
-    is emulated and slow. The rate is the fastest product's: on a shared machine the mean
-    follows the neighbours (on a 2-core VM it went from 88 to 149 GFLOP/s between two runs),
-    while the floor is what the machine can do.
+    is emulated and slow. The rate is the median product's: on a shared machine the mean
+    follows a neighbour's burst (on a 2-core VM it went from 88 to 149 GFLOP/s between two
+    runs) and the fastest product an idle moment (181, near the cores' peak).
     """
     import torch
 
@@ -74,11 +75,10 @@ def matmul_rate(dtype: str = "float32", device: str = "cpu", seconds: float = 0.
     while m < 1024 and timed(a) < seconds / 20:
         m *= 2
         a = torch.randn(m, k, dtype=torch_dtype, device=device)
-    fastest, elapsed = float("inf"), 0.0
-    while elapsed < seconds:
-        took = timed(a)
-        fastest, elapsed = min(fastest, took), elapsed + took
-    return 2.0 * m * k * n / fastest
+    times: list = []
+    while sum(times) < seconds:
+        times.append(timed(a))
+    return 2.0 * m * k * n / statistics.median(times)
 
 
 def gpu_name() -> Optional[str]:
