@@ -341,10 +341,11 @@ class GPStudent:
     def predict_fitness(self, Z: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
         rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows)
         with torch.no_grad():
-            return self._fitness(torch.as_tensor(np.asarray(Z, np.float64)), rows).numpy()
+            # A copy: a population that came through Ray's object store is read-only, and torch warns on it.
+            return self._fitness(torch.tensor(np.asarray(Z, np.float64)), rows).numpy()
 
     def grad_z(self, z: np.ndarray) -> tuple[float, np.ndarray]:
-        zt = torch.as_tensor(np.asarray(z, np.float64)).reshape(1, -1).requires_grad_(True)
+        zt = torch.tensor(np.asarray(z, np.float64)).reshape(1, -1).requires_grad_(True)
         loss = self._fitness(zt, np.arange(len(self.labels)))[0]
         (g,) = torch.autograd.grad(loss, zt)
         return loss.item(), g[0].numpy().astype(np.float32)
@@ -354,7 +355,7 @@ class GPStudent:
         if split != "train":
             return None
         with torch.no_grad():
-            return self._logits(torch.as_tensor(np.asarray(z, np.float64)).reshape(1, -1), rows)[0].numpy()
+            return self._logits(torch.tensor(np.asarray(z, np.float64)).reshape(1, -1), rows)[0].numpy()
 
     def set_prompt_space(self, A: np.ndarray, P0: np.ndarray) -> None:
         """The GP works in z itself."""

@@ -212,6 +212,23 @@ def test_gp_student_interpolates_the_answers_and_its_gradient_is_the_posterior_m
         gp.observe(Z[:1], logits[:1, :3], rows[:3])
 
 
+def test_gp_student_takes_read_only_arrays_from_the_object_store_without_a_warning(tiny_config):
+    import warnings
+
+    config = tiny_config(**{"model.student": "gp"})
+    data = load_task(config.task, config.seed)
+    gp, rows = make_student(config, data), np.arange(len(data.train))
+    Z = np.random.default_rng(0).normal(size=(4, 8))
+    logits = np.random.default_rng(1).normal(size=(4, len(rows), 2))
+    for array in (Z, logits):
+        array.flags.writeable = False  # as ray.get returns a numpy array
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gp.observe(Z, logits, rows)
+        gp.predict_fitness(Z, rows)
+        gp.grad_z(Z[0])
+
+
 def test_gp_keeps_only_the_newest_answers(tiny_config):
     config = tiny_config(**{"model.student": "gp", "student.buffer_candidates": 5})
     data = load_task(config.task, config.seed)
