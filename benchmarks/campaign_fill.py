@@ -90,6 +90,7 @@ def main(argv=None) -> int:
           f"{rate / 1e9:.0f} GFLOP/s")
     splits = [(cores // t, t) for t in range(cores, 0, -1) if cores % t == 0]
     rows = [measure(c, t, args) for c, t in splits]
+    alone = measure(1, 1, args)  # one thread with the machine to itself: what sharing the cores costs a cell
     floor = rows[0]["flops"] / rate  # seconds a call needs on the whole machine
     print(f"\nSST-2, {args.popsize} prompts x 32 examples a call, float32; the floor is {rows[0]['flops'] / 1e9:.1f} "
           f"GFLOP a call over the {cores}-core rate: {1 / floor:.2f} calls/s\n")
@@ -98,9 +99,14 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['cells']} | {r['threads']} | {r['s_per_call']:.3f} | {r['calls_per_s']:.3f} | "
               f"{(1 / r['calls_per_s']) / floor:.2f} |")
+    print(f"| 1 (alone, the reference) | 1 | {alone['s_per_call']:.3f} | {alone['calls_per_s']:.3f} | "
+          f"{(1 / alone['calls_per_s']) / floor:.2f} |")
     best = max(rows, key=lambda r: r["calls_per_s"])
-    print(f"\nfastest here: {best['cells']} cells x {best['threads']} threads; the campaign's rule with "
-          f"{cores} cells or more to run: {cell_threads(cores, cores)} thread(s) per cell")
+    rule = cell_threads(cores)
+    print(f"\nfastest here: {best['cells']} cell(s) x {best['threads']} thread(s); the campaign's default "
+          f"(campaign.cell_threads): {cores // rule} cell(s) x {rule} thread(s)"
+          + ("" if (cores // rule, rule) == (best["cells"], best["threads"]) else
+             f"; pass --cell-cpus {best['threads']} to gdfo bench on this machine"))
     return 0
 
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from gdfo_ray.campaign import CampaignConfig, read_results, run_campaign
-from gdfo_ray.cli import parse_sets
+from gdfo_ray.config import parse_sets
 from gdfo_ray.config import GDFOConfig, apply_overrides, deep_merge
 from gdfo_ray.report import score_table
 

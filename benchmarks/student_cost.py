@@ -19,7 +19,7 @@ import numpy as np
 
 from gdfo_ray import GDFOConfig
 from gdfo_ray.api import run
-from gdfo_ray.cli import parse_sets
+from gdfo_ray.config import parse_sets
 from gdfo_ray.config import apply_overrides
 
 

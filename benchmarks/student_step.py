@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gdfo_ray.api import open_run
-from gdfo_ray.cli import parse_sets
+from gdfo_ray.config import parse_sets
 from gdfo_ray.student import make_student
 from gdfo_ray.tasks import load_task
 

@@ -183,7 +183,11 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
     summary["teacher_info"] = dataclasses.asdict(driver.teacher_info)  # hidden size, dtype the black box computed in
     summary["machine"] = machine
     if driver.floor_flops is not None and summary.get("s_per_call"):
-        floor = driver.floor_flops / (machine["matmul_gflops"] * 1e9)
+        # The rate measured in the teacher's process once it was loaded; the driver's, taken while actors
+        # start beside it, read 30% low on 2 cores.
+        rate = driver.floor_rate or machine["matmul_gflops"] * 1e9
+        floor = driver.floor_flops / rate
+        summary["teacher_matmul_gflops"] = round(rate / 1e9, 1)
         summary["floor_s_per_call"], summary["s_per_call_over_floor"] = floor, summary["s_per_call"] / floor
     summary["wall_s"] = time.time() - started
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -194,11 +198,11 @@ def run(config: GDFOConfig, *, resume: bool = False, overwrite: bool = False,
 
 @contextlib.contextmanager
 def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hooks: tuple = (),
-             gate: Optional[Callable[[int], bool]] = None, limiter_actor: Any = None,
+             reserve_calls: Optional[Callable[[int], bool]] = None, limiter_actor: Any = None,
              token: Optional[str] = None) -> Iterator[Driver]:
     """Config in, a ready driver with its pools out: the one way a run is built (``run``, Tune's trials).
 
-    ``checkpoint`` (``{"state", "student"}``) resumes; ``hooks`` and ``gate`` go to the
+    ``checkpoint`` (``{"state", "student"}``) resumes; ``hooks`` and ``reserve_calls`` go to the
     :class:`~gdfo_ray.driver.Driver`; ``limiter_actor`` and ``token`` to the pools. On exit
     the driver is closed, the pools' actors are shut down, and a Ray started here stops.
     """
@@ -220,11 +224,12 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
             from gdfo_ray.distributed.metrics import run_metrics
 
             hooks = (run_metrics(config), *hooks)  # first: a progress line printed after it is already exported
-        driver = Driver(config, data, teacher, student, space, state=state, hooks=hooks, gate=gate)
+        driver = Driver(config, data, teacher, student, space, state=state, hooks=hooks, reserve_calls=reserve_calls)
         driver.teacher_info = info
         # The work of one train call, for the floor a run's teacher time is read against (a local teacher only).
         counted = config.method not in ("manual", "bbtv2")  # manual pays no train call; bbtv2's prompts are deep
         driver.floor_flops = teacher.flops_per_call("train", driver.train_ids) if counted else None
+        driver.floor_rate = teacher.matmul_rate() if driver.floor_flops is not None else None
         try:
             yield driver
         finally:

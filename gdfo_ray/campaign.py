@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gdfo_ray.config import (DATA_DIR_ENV, RUN_LABELS, GDFOConfig, apply_overrides, deep_merge, label_settings,
-                             setting_differences)
+from gdfo_ray.config import (DATA_DIR_ENV, RUN_LABELS, GDFOConfig, apply_overrides, build_config_dict,
+                             label_settings, load_yaml, setting_differences)
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 SPLIT_SEED_MODES = ("match", "auto")
@@ -69,8 +69,7 @@ class CampaignConfig:
             have 8 13 42 50 60, the others 13 21 42 87 100). The split used is recorded.
         cell_cpus, cell_gpus: resources of one cell's Ray task; cells run in parallel as
             the cluster's resources allow. The cell's torch uses ``cell_cpus`` threads.
-            None: :func:`cell_threads`'s rule, one per cell while a campaign has a cell
-            for every core of a node, so that cells fill the machine.
+            None: :func:`cell_threads`'s rule, a whole node per cell.
         max_retries: how often Ray reruns a cell whose worker died (it resumes from
             its checkpoint). A cell that raises is not retried; it is recorded as failed.
         ray_address: a cluster to join, or ``local``; as ``pool.ray_address`` of a run.
@@ -145,26 +144,20 @@ def plan(campaign: CampaignConfig) -> list[Cell]:
     return cells
 
 
-def cell_threads(node_cores: int, cells_left: int) -> int:
-    """Torch threads (and CPUs) per cell: one while the cells left can fill a node's cores, else the cores shared.
+def cell_threads(node_cores: int) -> int:
+    """Torch threads (and CPUs) per cell when ``cell_cpus`` is not given: a whole node, one cell at a time.
 
-    Cells are independent runs. Measured with ``benchmarks/campaign_fill.py`` on a 2-core AMD
-    EPYC, two cells of one thread each scored more calls a second than one cell of two
-    threads (docs/performance.md): a small model's forwards do not keep two threads busy, and
-    two processes share nothing. With fewer cells than cores, each takes a share of them.
+    Measured with ``benchmarks/campaign_fill.py`` on a 2-core AMD EPYC (docs/performance.md):
+    one cell on two threads scored 0.74 calls a second; two cells at once, one thread each,
+    0.35 together, each call four times slower than one thread alone. Cells on separate
+    nodes still run at once. Measure another machine with the benchmark, and pass
+    ``--cell-cpus`` where it says otherwise.
     """
-    return max(1, node_cores // max(1, min(cells_left, node_cores)))
-
-
-def _node_cores() -> int:
-    """CPUs of the largest live node of the Ray cluster this process is connected to."""
-    import ray
-
-    return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)) or 1
+    return max(1, int(node_cores))
 
 
 def _merged_base(base: Mapping[str, Any]) -> dict:
-    return deep_merge(GDFOConfig().to_dict(), dict(base))
+    return build_config_dict(sections=base)
 
 
 def _split_seed(campaign: CampaignConfig, base: GDFOConfig, task: str, seed: int, assigned: dict) -> int:
@@ -369,7 +362,7 @@ def _write_campaign_file(campaign: CampaignConfig) -> None:
     runs = []
     if os.path.exists(path):  # a campaign directory may grow (more methods, seeds); keep what came before
         with open(path) as f:
-            runs = (yaml.safe_load(f) or {}).get("invocations", [])
+            runs = (load_yaml(f) or {}).get("invocations", [])
     runs.append({**data, "at": _utc(time.time())})
     with open(path + ".tmp", "w") as f:
         yaml.safe_dump({"invocations": runs}, f, sort_keys=False)
@@ -401,7 +394,7 @@ class CampaignResult:
 
 def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -> CampaignResult:
     """Run every unfinished cell as a Ray task; returns what finished, was skipped and failed."""
-    from gdfo_ray.distributed import ray_session
+    from gdfo_ray.distributed import largest_node_cpus, ray_session
     from gdfo_ray.distributed.tasks import as_completed
 
     # Seed-major order: a campaign stopped early still has whole seeds of every task and method.
@@ -426,7 +419,7 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
     by_name = {cell.name: cell for cell in todo}
     t0 = time.time()
     with ray_session(campaign.ray_address):
-        cpus = campaign.cell_cpus or cell_threads(_node_cores(), len(todo))
+        cpus = campaign.cell_cpus or cell_threads(largest_node_cpus())
         say(f"[bench] {cpus:g} CPU(s) and {max(1, int(cpus))} torch thread(s) per cell"
             + ("" if campaign.cell_cpus else " (cell_threads's rule)"))
         calls = {cell.name: (apply_overrides(cell.config.to_dict(), {"pool.torch_threads": max(1, int(cpus))}),

@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import logging
-import re
 import sys
 from typing import Optional, Sequence
 
-from gdfo_ray.config import (METHODS, GDFOConfig, apply_overrides, deep_merge, flatten_config, resumed_config_dict,
-                             setting_differences)
+from gdfo_ray.config import (METHODS, GDFOConfig, apply_overrides, build_config_dict, deep_merge, flatten_config,
+                             parse_sets, read_config_file, resumed_config_dict, setting_differences)
 from gdfo_ray.exceptions import GDFOError, ResumeError
 
 log = logging.getLogger("gdfo_ray")
-
-
-@functools.cache
-def _yaml_loader() -> type:
-    """YAML's safe loader with YAML 1.2's booleans: only true and false.
-
-    YAML 1.1 also reads on/off/yes/no as booleans, so ``gate: off`` (a word of the config) reached
-    it as False and failed as a bad value.
-    """
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    bool_tag = "tag:yaml.org,2002:bool"
-    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
-                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-    return Loader
-
-
-def load_yaml(stream):
-    """A config's YAML (a file or text), read as :func:`_yaml_loader` says."""
-    import yaml
-
-    return yaml.load(stream, Loader=_yaml_loader())
 
 
 class _BaseCommand:
@@ -138,31 +110,6 @@ def build_config(args: argparse.Namespace) -> GDFOConfig:
     return resumed
 
 
-def read_config_file(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = load_yaml(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise GDFOError(f"Cannot read config file {path!r}: {e}") from e
-    if not isinstance(data, dict):
-        raise GDFOError(f"Config file {path!r} must hold a mapping of sections, not {type(data).__name__}.")
-    return data
-
-
-def parse_sets(items: Sequence[str]) -> dict:
-    """``--set key=value`` items as dotted-key overrides; values are parsed as YAML."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise GDFOError(f"--set expects KEY=VALUE, but got {item!r}.")
-        overrides[key.strip()] = load_yaml(value)
-    return overrides
-
-
-
 class _Serve(_BaseCommand):
     help = "Serve a local LM as a black box over HTTP (verbalizer logits only; bearer token; batching)."
 
@@ -240,8 +187,8 @@ class _Bench(_BaseCommand):
         parser.add_argument("--split-seeds", default=d["split_seeds"], choices=SPLIT_SEED_MODES,
                             help="auto: a task without a split for a seed uses one of its other splits")
         parser.add_argument("--cell-cpus", type=float, default=d["cell_cpus"],
-                            help="CPUs per cell (also its torch threads); default: one per cell while the cells "
-                                 "left fill a node's cores, else the cores shared (campaign.cell_threads)")
+                            help="CPUs per cell (also its torch threads); default: a whole node per cell "
+                                 "(campaign.cell_threads: measured with benchmarks/campaign_fill.py)")
         parser.add_argument("--cell-gpus", type=float, default=d["cell_gpus"], help="GPUs per cell")
         parser.add_argument("--max-retries", type=int, default=d["max_retries"],
                             help="reruns of a cell whose worker died")
@@ -252,15 +199,20 @@ class _Bench(_BaseCommand):
                             help="cluster to join, or 'local' to start Ray here (default: $RAY_ADDRESS, else the "
                                  "one `ray start` registered on this machine, else Ray starts here)")
 
-    def take_action(self, args: argparse.Namespace) -> int:
-        from gdfo_ray.campaign import CampaignConfig, run_campaign, seeds_from
+    @staticmethod
+    def campaign(args: argparse.Namespace):
+        """The :class:`~gdfo_ray.campaign.CampaignConfig` the flags describe."""
+        from gdfo_ray.campaign import CampaignConfig, seeds_from
 
-        base = read_config_file(args.config) if args.config else {}
-        base = apply_overrides(deep_merge(GDFOConfig().to_dict(), base), parse_sets(args.set))
-        campaign = CampaignConfig(args.results, tuple(args.tasks), seeds_from(args.seeds), tuple(args.methods),
-                                  budget=args.budget, base=base, split_seeds=args.split_seeds,
-                                  cell_cpus=args.cell_cpus, cell_gpus=args.cell_gpus,
-                                  max_retries=args.max_retries, ray_address=args.ray_address, reuse=args.reuse)
+        return CampaignConfig(args.results, tuple(args.tasks), seeds_from(args.seeds), tuple(args.methods),
+                              budget=args.budget, base=build_config_dict(args.config, sets=args.set),
+                              split_seeds=args.split_seeds, cell_cpus=args.cell_cpus, cell_gpus=args.cell_gpus,
+                              max_retries=args.max_retries, ray_address=args.ray_address, reuse=args.reuse)
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        from gdfo_ray.campaign import run_campaign
+
+        campaign = self.campaign(args)
         result = run_campaign(campaign, say=lambda line: print(line, file=sys.stderr, flush=True))
         print(f"[bench] {len(result.finished)} cells finished now, {len(result.skipped)} before, "
               f"{len(result.failed)} failed; results in {campaign.results_dir}", file=sys.stderr)
@@ -312,20 +264,24 @@ class _Tune(_BaseCommand):
         if args.resume:  # the sweep's own settings, whatever the other flags say
             tune_run(TuneSettings.load(args.storage, args.name), resume=True, say=say)
             return 0
-        base = read_config_file(args.config) if args.config else {}
+        tune_run(self.settings(args), say=say)
+        return 0
+
+    @staticmethod
+    def settings(args: argparse.Namespace):
+        """The :class:`~gdfo_ray.tune.TuneSettings` the flags describe."""
+        from gdfo_ray.tune import TuneSettings
+
         overrides = {"pool.backend": "local"}  # trials run their pools in-process unless --set says otherwise
         flags = {"task": "task.name", "method": "method", "teacher": "model.teacher", "budget": "search.budget_calls",
                  "seed": "seed"}
         overrides.update({key: getattr(args, attr) for attr, key in flags.items() if getattr(args, attr) is not None})
-        overrides.update(parse_sets(args.set))
-        base = apply_overrides(deep_merge(GDFOConfig().to_dict(), base), overrides)
+        base = build_config_dict(args.config, overrides, sets=args.set)
         space = read_config_file(args.space) if args.space else None
-        settings = TuneSettings(base, space=space, num_samples=args.samples, storage_dir=args.storage, name=args.name,
-                                max_concurrent=args.max_concurrent, grace_calls=args.grace_calls,
-                                reduction_factor=args.reduction_factor, total_calls=args.total_calls,
-                                trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus, seed=args.search_seed)
-        tune_run(settings, say=say)
-        return 0
+        return TuneSettings(base, space=space, num_samples=args.samples, storage_dir=args.storage, name=args.name,
+                            max_concurrent=args.max_concurrent, grace_calls=args.grace_calls,
+                            reduction_factor=args.reduction_factor, total_calls=args.total_calls,
+                            trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus, seed=args.search_seed)
 
 
 class _Report(_BaseCommand):

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from gdfo_ray.exceptions import ConfigError, TeacherError
 
@@ -902,3 +904,66 @@ _SECTIONS = {
     "pool": PoolConfig,
     "service": ServiceConfig,
 }
+
+
+# Reading a config: the one loader of the CLI, campaigns, sweeps, reports and benchmarks.
+
+@functools.cache
+def _yaml_loader() -> type:
+    """YAML's safe loader with YAML 1.2's booleans: only true and false.
+
+    YAML 1.1 also reads on/off/yes/no as booleans, so ``gate: off`` (a word of the config) reached
+    it as False and failed as a bad value.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Loader
+
+
+def load_yaml(stream):
+    """A config's YAML (a file or text), read as :func:`_yaml_loader` says."""
+    import yaml
+
+    return yaml.load(stream, Loader=_yaml_loader())
+
+
+def read_config_file(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = load_yaml(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"Cannot read config file {path!r}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path!r} must hold a mapping of sections, not {type(data).__name__}.")
+    return data
+
+
+def parse_sets(items: Sequence[str]) -> dict:
+    """``--set key=value`` items as dotted-key overrides; values are parsed as YAML."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, but got {item!r}.")
+        overrides[key.strip()] = load_yaml(value)
+    return overrides
+
+
+def build_config_dict(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
+                      sets: Sequence[str] = (), sections: Optional[Mapping[str, Any]] = None) -> dict:
+    """A full config as a nested dict: the defaults, then ``sections`` (nested), the YAML file at ``path``,
+    ``overrides`` (dotted keys) and ``--set`` items, each over the last. Validate it with
+    :meth:`GDFOConfig.from_dict`; the one way a config is built from what a user gives."""
+    data = deep_merge(GDFOConfig().to_dict(), dict(sections or {}))
+    if path:
+        data = deep_merge(data, read_config_file(path))
+    return apply_overrides(data, {**dict(overrides or {}), **parse_sets(sets)})

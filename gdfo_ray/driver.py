@@ -240,14 +240,14 @@ class Driver:
         space: the teacher's prompt space.
         state: a resumed state, or None to start fresh.
         hooks: called with (driver, history row) after every generation.
-        gate: asked ``gate(calls)`` before each generation; False ends the run. A budget
-            shared beyond this run (Tune trials querying one service) reserves the calls here,
-            before they are dispatched.
+        reserve_calls: asked ``reserve_calls(calls)`` before each generation; False ends the
+            run. A budget shared beyond this run (Tune trials querying one service) reserves
+            the calls here, before they are dispatched.
     """
 
     def __init__(self, config: GDFOConfig, data: TaskData, teacher, student, space: PromptSpace,
                  state: Optional[DriverState] = None, hooks: tuple[Callable, ...] = (),
-                 gate: Optional[Callable[[int], bool]] = None):
+                 reserve_calls: Optional[Callable[[int], bool]] = None):
         self.config, self.data, self.teacher, self.student, self.space = config, data, teacher, student, space
         self.loss = config.search.loss or data.spec.loss
         self.train_ids = np.arange(len(data.train))
@@ -256,7 +256,7 @@ class Driver:
         self.fidelity_rows = np.sort(np.random.default_rng(config.seeds.fidelity_rows).choice(len(data.train), n_fid,
                                                                                      replace=False))
         self.hooks = list(hooks)
-        self.gate = gate
+        self.reserve_calls = reserve_calls
         self.teacher_info = None  # what the teacher's describe() said, where the run builder asked it
         if state is None:
             state = DriverState(make_method(config, getattr(space, "n_layers", 1)), CallBudget(config.search.budget_calls),
@@ -303,7 +303,7 @@ class Driver:
     def run(self) -> DriverState:
         s = self.state
         while s.method.calls_per_generation and s.budget.can_afford(s.method.calls_per_generation):
-            if self.gate is not None and not self.gate(s.method.calls_per_generation):
+            if self.reserve_calls is not None and not self.reserve_calls(s.method.calls_per_generation):
                 break
             t0 = time.perf_counter()
             ctx = GenerationContext(self)

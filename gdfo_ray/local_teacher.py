@@ -87,6 +87,12 @@ class LocalTeacher(BaseTeacher):
             self.lm.max_rows = rows_per_forward
         return float(counter.get_total_flops())
 
+    def matmul_rate(self) -> Optional[float]:
+        from gdfo_ray.machine import matmul_rate
+
+        weights = self.lm.embeddings.weight
+        return matmul_rate(str(weights.dtype).replace("torch.", ""), str(weights.device))
+
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
         p = host_tensor(prompt, self.lm.device, torch.float32).requires_grad_(True)

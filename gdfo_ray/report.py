@@ -20,7 +20,7 @@ import numpy as np
 
 from gdfo_ray import __version__
 from gdfo_ray.campaign import git_commit, read_results
-from gdfo_ray.config import parse_student, run_label
+from gdfo_ray.config import load_yaml, parse_student, run_label
 from gdfo_ray.exceptions import GDFOError
 
 TASK_ORDER = ("sst2", "yelp_polarity", "ag_news", "dbpedia", "mrpc", "snli", "rte")
@@ -302,13 +302,11 @@ def student_table(rows: list[dict]) -> str:
 
 def missing_cells(results_dir: str, rows: list[dict]) -> list[str]:
     """Cells some ``gdfo bench`` invocation asked for that have not finished (cut short, or failed)."""
-    import yaml
-
     path = os.path.join(results_dir, "campaign.yaml")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        invocations = (yaml.safe_load(f) or {}).get("invocations", [])
+        invocations = (load_yaml(f) or {}).get("invocations", [])
     done = {(r["task"], r["method"], int(r["seed"])) for r in rows}
     asked = {(t, m, int(s)) for inv in invocations for t in inv["tasks"] for m in inv["methods"] for s in inv["seeds"]}
     return [f"{t}_{m}_seed{s}" for t, m, s in sorted(asked - done)]

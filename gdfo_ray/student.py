@@ -332,7 +332,7 @@ class GPStudent:
         X = torch.as_tensor(self.X)
         k = torch.exp(-((Z[:, None, :] - X[None]) ** 2).sum(-1) / (2 * ell2))
         flat = torch.as_tensor(mean) + k @ torch.as_tensor(alpha)
-        return flat.view(Z.shape[0], *shape)[:, torch.as_tensor(np.asarray(rows))]
+        return flat.view(Z.shape[0], *shape)[:, torch.tensor(np.asarray(rows))]
 
     def _fitness(self, Z: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         labels = torch.as_tensor(self.labels[np.asarray(rows)]).expand(Z.shape[0], -1)

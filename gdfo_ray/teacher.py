@@ -75,6 +75,11 @@ class BaseTeacher(abc.ABC):
         teacher runs here and can count it; None for a black box elsewhere."""
         return None
 
+    def matmul_rate(self) -> Optional[float]:
+        """FLOP/s of matrix products in the teacher's own process, dtype, device and threads: the rate its
+        floor is read against, measured where the work runs (None for a black box elsewhere)."""
+        return None
+
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
         """Loss and its gradient in the prompt ``(n, h)``: only a local (white-box) teacher has it."""
@@ -137,6 +142,9 @@ class TeacherPool:
     def flops_per_call(self, split: str, example_ids: np.ndarray) -> Optional[float]:
         return self.run_pieces("flops_per_call", [(split, example_ids)])[0]
 
+    def matmul_rate(self) -> Optional[float]:
+        return self.run_pieces("matmul_rate", [()])[0]
+
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self.run_pieces("embed_tokens", [(list(ids),)])[0]
 
@@ -194,6 +202,9 @@ class TeacherHost:
 
     def flops_per_call(self, split: str, example_ids: np.ndarray) -> Optional[float]:
         return self._loaded().flops_per_call(split, example_ids)
+
+    def matmul_rate(self) -> Optional[float]:
+        return self._loaded().matmul_rate()
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self._loaded().embed_tokens(ids)

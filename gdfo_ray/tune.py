@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from gdfo_ray.config import GDFOConfig, apply_overrides, flatten_config
+from gdfo_ray.config import GDFOConfig, apply_overrides, flatten_config, load_yaml
 from gdfo_ray.exceptions import ConfigError, GDFOError
 
 METRIC = "dev_score"
@@ -175,13 +175,11 @@ class TuneSettings:
     @classmethod
     def load(cls, storage_dir: str, name: str) -> "TuneSettings":
         """The settings a sweep was started with (``sweep.yaml``), so that a resume needs only its name."""
-        import yaml
-
         path = os.path.join(os.path.abspath(storage_dir), name, "sweep.yaml")
         if not os.path.exists(path):
             raise GDFOError(f"Nothing to resume: {path} does not exist. Check --storage and --name.")
         with open(path) as f:
-            saved = yaml.safe_load(f)
+            saved = load_yaml(f)
         return cls(storage_dir=storage_dir, name=name, **saved)
 
     @property
@@ -228,10 +226,10 @@ def run_trial(params: dict, *, base: dict, budget: Any = None, limiter: Any = No
                 pickle.dump({"state": s, "student": driver.student_checkpoint()}, f)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    from gdfo_ray.distributed import budget_gate
+    from gdfo_ray.distributed import budget_reservation
 
-    gate = budget_gate(budget) if budget is not None else None
-    with open_run(config, data, checkpoint=checkpoint, hooks=(report,), gate=gate, limiter_actor=limiter,
+    reserve = budget_reservation(budget) if budget is not None else None
+    with open_run(config, data, checkpoint=checkpoint, hooks=(report,), reserve_calls=reserve, limiter_actor=limiter,
                   token=token) as driver:
         driver.run()
 

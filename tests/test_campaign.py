@@ -381,9 +381,8 @@ def test_a_campaigns_outputs_hold_no_path_of_the_machine_that_ran_it(finished, c
     assert json.loads(row["summary_json"])["data_source"].startswith("$GDFO_DATA_DIR")
 
 
-def test_cells_fill_the_cores_one_thread_each_and_share_them_when_few_are_left():
+def test_a_cell_takes_a_whole_node_unless_cell_cpus_says_otherwise():
     from gdfo_ray.campaign import cell_threads
 
-    assert [cell_threads(2, n) for n in (1, 2, 9)] == [2, 1, 1]
-    assert [cell_threads(8, n) for n in (1, 2, 3, 8, 40)] == [8, 4, 2, 1, 1]
-    assert cell_threads(1, 0) == 1
+    assert [cell_threads(n) for n in (1, 2, 16)] == [1, 2, 16]
+    assert cell_threads(0) == 1

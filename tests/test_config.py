@@ -37,8 +37,12 @@ def test_budget_smaller_than_one_generation_is_refused():
     GDFOConfig.from_dict({"method": "manual", "search": {"budget_calls": 0}})
 
 
-def test_popsize_default_is_derived_once():
-    assert GDFOConfig.from_dict({"prompt": {"intrinsic_dim": 500}}).popsize == 4 + int(3 * 6.2146)
+def test_the_default_popsize_is_pycmas_own_for_the_dimension():
+    import cma
+
+    for d in (10, 100, 500):
+        es = cma.CMAEvolutionStrategy([0.0] * d, 1.0, {"verbose": -9})
+        assert GDFOConfig.from_dict({"prompt": {"intrinsic_dim": d}}).popsize == es.popsize
 
 
 def test_overrides_roundtrip_and_unknown_keys():

@@ -14,6 +14,9 @@ def test_the_driver_and_the_methods_need_neither_torch_nor_ray():
     done = _imports_without(["torch", "ray"], "gdfo_ray.driver, gdfo_ray.methods, gdfo_ray.harmonize, "
                                               "gdfo_ray.replay, gdfo_ray.metrics, gdfo_ray.playback")
     assert done.returncode == 0, done.stderr[-2000:]
+    # The command line and the run builder load Ray only when a run starts one: `gdfo --help` stays quick.
+    done = _imports_without(["ray"], "gdfo_ray.api, gdfo_ray.cli")
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_the_ray_layer_and_a_service_teachers_actor_need_no_torch():

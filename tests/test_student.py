@@ -220,7 +220,8 @@ def test_gp_student_takes_read_only_arrays_from_the_object_store_without_a_warni
     gp, rows = make_student(config, data), np.arange(len(data.train))
     Z = np.random.default_rng(0).normal(size=(4, 8))
     logits = np.random.default_rng(1).normal(size=(4, len(rows), 2))
-    for array in (Z, logits):
+    rows = rows.copy()
+    for array in (Z, logits, rows):
         array.flags.writeable = False  # as ray.get returns a numpy array
     with warnings.catch_warnings():
         warnings.simplefilter("error")

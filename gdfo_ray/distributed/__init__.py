@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from gdfo_ray.config import GDFOConfig
-from gdfo_ray.distributed.cluster import (NAMESPACE, actor_bundles, check_pool_fits, init_ray, ray_session,
-                                          release_ray_pools, shortfall, student_gpus)
-from gdfo_ray.distributed.limits import (LimiterActor, SharedBudget, SharedLimiter, budget_gate, make_limiter,
+from gdfo_ray.distributed.cluster import (NAMESPACE, actor_bundles, check_pool_fits, init_ray, largest_node_cpus,
+                                          ray_session, release_ray_pools, shortfall, student_gpus)
+from gdfo_ray.distributed.limits import (LimiterActor, SharedBudget, SharedLimiter, budget_reservation, make_limiter,
                                          make_shared_budget)
 from gdfo_ray.distributed.students import RayStudentGroup, StudentRestarted, StudentWorker, make_ray_student_group
 from gdfo_ray.distributed.teachers import RayTeacherPool, TeacherActor, make_ray_teacher_pool
@@ -47,7 +47,7 @@ def make_ray_pools(config: GDFOConfig, data: TaskData, limiter_actor: Any = None
 
 __all__ = [
     "NAMESPACE", "LimiterActor", "RayStudentGroup", "RayTeacherPool", "SharedBudget", "SharedLimiter",
-    "StudentRestarted", "StudentWorker", "TeacherActor", "actor_bundles", "budget_gate", "check_pool_fits",
-    "init_ray", "make_limiter", "make_ray_pools", "make_ray_student_group", "make_ray_teacher_pool",
-    "make_shared_budget", "ray_session", "release_ray_pools", "shortfall", "student_gpus",
+    "StudentRestarted", "StudentWorker", "TeacherActor", "actor_bundles", "budget_reservation", "check_pool_fits",
+    "init_ray", "largest_node_cpus", "make_limiter", "make_ray_pools", "make_ray_student_group",
+    "make_ray_teacher_pool", "make_shared_budget", "ray_session", "release_ray_pools", "shortfall", "student_gpus",
 ]

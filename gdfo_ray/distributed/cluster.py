@@ -68,6 +68,12 @@ def shortfall(bundles: list[dict]) -> tuple[dict, dict, dict]:
     return dict(need), have, {k: v for k, v in need.items() if v > have[k] + 1e-9}
 
 
+def largest_node_cpus() -> int:
+    """CPUs of the largest live node of the connected cluster: the most one task can be given."""
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(max(cpus, default=1)))
+
+
 def check_pool_fits(config: GDFOConfig, poll_s: float = 2.0) -> None:
     """Fail clearly when the cluster cannot hold the run's actors; Ray would leave them pending forever.
 

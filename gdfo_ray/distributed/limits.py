@@ -87,8 +87,8 @@ def make_shared_budget(total: Optional[int], path: str):
     return ray.remote(SharedBudget).options(num_cpus=0, max_concurrency=64).remote(total, path)
 
 
-def budget_gate(handle) -> Callable[[int], bool]:
-    """A driver's ``gate``: reserves a generation's calls from the :class:`SharedBudget` actor ``handle``."""
+def budget_reservation(handle) -> Callable[[int], bool]:
+    """A driver's ``reserve_calls``: reserves a generation's calls from the :class:`SharedBudget` actor ``handle``."""
     return lambda calls: ray.get(handle.reserve.remote(calls))
 
 
