@@ -12,7 +12,7 @@ import sys
 import torch
 
 from gdfo_ray import GDFOConfig
-from gdfo_ray.local_teacher import LocalTeacher
+from gdfo_ray.teachers.local import LocalTeacher
 from gdfo_ray.tasks import load_task
 
 

@@ -24,7 +24,7 @@ PROBE = r"""
 import json, resource, sys
 import numpy as np
 from gdfo_ray.config import GDFOConfig
-from gdfo_ray.local_teacher import LocalTeacher
+from gdfo_ray.teachers.local import LocalTeacher
 from gdfo_ray.tasks import load_task
 popsize, batch, n, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 config = GDFOConfig.from_dict({"task": {"name": "ag_news"}, "model": {"dtype": dtype},

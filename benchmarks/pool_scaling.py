@@ -111,8 +111,8 @@ def pool_scaling(args: argparse.Namespace, data) -> list[dict]:
 
 def http_vs_in_process(args: argparse.Namespace, data) -> dict:
     from gdfo_ray.config import GDFOConfig
-    from gdfo_ray.http_teacher import HttpTeacher
-    from gdfo_ray.local_teacher import LocalTeacher
+    from gdfo_ray.teachers.http import HttpTeacher
+    from gdfo_ray.teachers.local import LocalTeacher
 
     out = {}
     ids = np.arange(len(data.train))

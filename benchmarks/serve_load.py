@@ -2,7 +2,7 @@
 
 Starts ``gdfo serve`` as its own process (a simulated black box by default, ``--model``
 for a real one), then ``--clients`` threads each make calls through gdfo-ray's own
-HTTP client (:class:`~gdfo_ray.http_teacher.HttpTeacher`: exponential backoff with
+HTTP client (:class:`~gdfo_ray.teachers.http.HttpTeacher`: exponential backoff with
 jitter, never sooner than ``Retry-After``, one ``Idempotency-Key`` per call). A share
 of the calls are retried on purpose with the same key (a lost answer, ``--dup-share``),
 and a share time out on the client before the service answers (``--timeout-share``),
@@ -110,7 +110,7 @@ def send_raw(url: str, data: bytes, timeout: float = 60.0) -> int:
 def make_client(url: str, token: str, timeout_s: float):
     """gdfo-ray's own service client, with a retry budget sized for a saturated limit."""
     from gdfo_ray import GDFOConfig
-    from gdfo_ray.http_teacher import HttpTeacher
+    from gdfo_ray.teachers.http import HttpTeacher
 
     config = GDFOConfig.from_dict({"model": {"teacher": url}, "service": {
         "timeout_s": timeout_s, "max_retries": 200, "backoff_s": 0.05, "backoff_max_s": 2.0}})
@@ -171,7 +171,7 @@ def _measure(args, token: str, proc, url: str) -> int:
     def recorder(response, *a, **kw):
         key = response.request.headers.get("Idempotency-Key")
         if key is not None:
-            from gdfo_ray.http_teacher import retry_after
+            from gdfo_ray.teachers.http import retry_after
 
             wait = retry_after(response.headers) if response.status_code == 429 else None
             sent = time.monotonic() - response.elapsed.total_seconds()

@@ -44,7 +44,7 @@ VARIANTS = {
 
 def build(args, variant: str):
     from gdfo_ray.config import GDFOConfig
-    from gdfo_ray.local_teacher import LocalTeacher
+    from gdfo_ray.teachers.local import LocalTeacher
     from gdfo_ray.tasks import load_task
 
     dtype, placement, kv, compiled = VARIANTS[variant]
@@ -67,7 +67,7 @@ def population(args, hidden: int, std: float) -> np.ndarray:
 
 
 def time_pool_call(teacher, prompts: np.ndarray, ids: np.ndarray, repeats: int) -> float:
-    from gdfo_ray.teacher import TeacherPool
+    from gdfo_ray.teachers import TeacherPool
 
     pool = TeacherPool([teacher])
     pool.query(prompts, "train", ids)  # warm-up (and the prefix cache, built once per run)

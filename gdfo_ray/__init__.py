@@ -14,8 +14,7 @@ from gdfo_ray.exceptions import (
     ResumeError,
     TeacherError,
 )
-
-__version__ = "0.1.0"
+from gdfo_ray.version import __version__
 
 __all__ = [
     "BudgetExhaustedError",
@@ -26,6 +25,7 @@ __all__ = [
     "ModelNotFoundError",
     "ResumeError",
     "TeacherError",
+    "__version__",
     "run",
 ]
 

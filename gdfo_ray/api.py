@@ -56,7 +56,7 @@ def versions() -> dict:
         out["ray"] = ray.__version__
     except ImportError:
         out["ray"] = None
-    from gdfo_ray import __version__
+    from gdfo_ray.version import __version__
 
     out["gdfo_ray"] = __version__
     return out
@@ -209,7 +209,7 @@ def open_run(config: GDFOConfig, data, *, checkpoint: Optional[dict] = None, hoo
     teacher, student, ray_started = _make_pools(config, data, limiter_actor=limiter_actor, token=token)
     recorder = None
     if config.model.record_answers is not None:
-        from gdfo_ray.playback import Recorder
+        from gdfo_ray.teachers.playback import Recorder
 
         teacher = recorder = Recorder(teacher, config.model.record_answers)
     try:
@@ -271,7 +271,7 @@ def _make_pools(config: GDFOConfig, data, limiter_actor=None, token: Optional[st
     if config.pool.backend == "local":
         from gdfo_ray.ratelimit import LocalLimiter
         from gdfo_ray.student import StudentGroup, make_student
-        from gdfo_ray.teacher import TeacherPool, make_teacher
+        from gdfo_ray.teachers import TeacherPool, make_teacher
 
         p = config.pool
         limiter = (LocalLimiter(p.calls_per_s, p.max_in_flight, p.rate_burst)

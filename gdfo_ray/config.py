@@ -32,7 +32,7 @@ GATES = ("rho", "none", "off")  # harmonize.harmonize's gates
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DATA_DIR_ENV = "GDFO_DATA_DIR"
-RECORDING_SUFFIX = ".npz"  # a file of recorded teacher answers (gdfo_ray.playback)
+RECORDING_SUFFIX = ".npz"  # a file of recorded teacher answers (gdfo_ray.teachers.playback)
 
 
 def run_label(method: str, control: str = "none") -> str:
@@ -244,7 +244,7 @@ class ModelConfig:
         compile: ``torch.compile`` the teacher's transformer. It pays only in long runs:
             on a 2-core CPU the first call took 131 s, and each later one 17% less.
         record_answers: write every answer the teacher gives to this ``.npz`` file; a later run
-            with ``teacher`` set to it plays them back (:mod:`gdfo_ray.playback`).
+            with ``teacher`` set to it plays them back (:mod:`gdfo_ray.teachers.playback`).
     """
 
     teacher: str = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from gdfo_ray import __version__
+from gdfo_ray.version import __version__
 from gdfo_ray.campaign import git_commit, read_results
 from gdfo_ray.config import load_yaml, parse_student, run_label
 from gdfo_ray.exceptions import GDFOError

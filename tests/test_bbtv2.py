@@ -6,11 +6,11 @@ import torch
 
 from gdfo_ray import ConfigError, run
 from gdfo_ray.config import PromptConfig
-from gdfo_ray.local_teacher import LocalTeacher
+from gdfo_ray.teachers.local import LocalTeacher
 from gdfo_ray.models import DeepPrompts, build_prompted_lm
 from gdfo_ray.prompt import DeepPromptSpace, PromptSpaceSpec, load_prompt, make_space, save_prompt
 from gdfo_ray.tasks import PRESETS, Split, load_task
-from gdfo_ray.teacher import TeacherInfo
+from gdfo_ray.teachers import TeacherInfo
 
 
 def _split():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gdfo_ray.exceptions import TeacherError
-from gdfo_ray.http_teacher import HttpTeacher, backoff_delay, parse_retry_after
+from gdfo_ray.teachers.http import HttpTeacher, backoff_delay, parse_retry_after
 from gdfo_ray.wire import encode_array
 
 INFO = {"model": "scripted", "kind": "causal_lm", "hidden_size": 4, "embedding_std": 1.0, "vocab_size": 50}

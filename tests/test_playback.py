@@ -90,7 +90,7 @@ def test_the_fidelity_benchmark_records_once_and_replays_each_student(tiny_model
     assert [row.split(" | ")[2] for row in rows] == ["default", "gp"]
     assert all("–" not in row for row in rows)  # every replay measured its student
     # A second invocation replays the recording: the teacher is never built again.
-    import gdfo_ray.local_teacher as local_teacher
+    import gdfo_ray.teachers.local as local_teacher
 
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was asked again")

@@ -14,7 +14,7 @@ from gdfo_ray.losses import fitness
 from gdfo_ray.metrics import spearman
 from gdfo_ray.student import DistillBatch, GPStudent, SmoothField, StudentTrainer, make_student
 from gdfo_ray.tasks import load_task
-from gdfo_ray.teacher import TeacherPool, make_teacher
+from gdfo_ray.teachers import TeacherPool, make_teacher
 
 
 def _teacher_and_space(config, student):

@@ -1,9 +1,9 @@
-"""The teacher pool (gdfo_ray/teacher.py): a request split into pieces over teachers and put back in order."""
+"""The teacher pool (gdfo_ray/teachers/): a request split into pieces over teachers and put back in order."""
 
 import numpy as np
 import pytest
 
-from gdfo_ray.teacher import TeacherPool
+from gdfo_ray.teachers import TeacherPool
 
 
 class Echo:

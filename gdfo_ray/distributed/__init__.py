@@ -3,7 +3,7 @@
 It imports no torch: a teacher actor that only calls a service stays a small process.
 
 Nothing numerical lives here. Each pool is its in-process twin
-(:class:`~gdfo_ray.teacher.TeacherPool`, :class:`~gdfo_ray.student_group.StudentGroup`)
+(:class:`~gdfo_ray.teachers.TeacherPool`, :class:`~gdfo_ray.student_group.StudentGroup`)
 with two things added that only exist with actors: pieces are dispatched as
 actors free up, and work lost with a dead actor is done again. Ray restarts a
 dead actor (``pool.max_actor_restarts``); a teacher's lost pieces are re-queried

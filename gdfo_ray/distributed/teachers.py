@@ -13,7 +13,7 @@ from gdfo_ray.config import GDFOConfig
 from gdfo_ray.distributed.limits import SharedLimiter, make_limiter
 from gdfo_ray.exceptions import TeacherError
 from gdfo_ray.tasks import TaskData
-from gdfo_ray.teacher import TeacherHost, TeacherNotLoaded, TeacherPool
+from gdfo_ray.teachers import TeacherHost, TeacherNotLoaded, TeacherPool
 
 
 class TeacherActor(TeacherHost):

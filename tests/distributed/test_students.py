@@ -62,7 +62,7 @@ def _noisy_oracle_group(tiny_config):
     spreads: oracle:1 scales its noise to each."""
     from gdfo_ray.api import build_space
     from gdfo_ray.distributed import make_ray_student_group
-    from gdfo_ray.teacher import make_teacher
+    from gdfo_ray.teachers import make_teacher
     from gdfo_ray.tasks import load_task
 
     config = tiny_config(**{"pool.backend": "ray", "pool.student_num_cpus": 0.5, "pool.student_num_gpus": 0.0,

@@ -51,7 +51,7 @@ def test_routes_need_the_bearer_token_except_health(service):
 
 
 def test_score_matches_the_in_process_teacher(service, tiny_config):
-    from gdfo_ray.local_teacher import LocalTeacher
+    from gdfo_ray.teachers.local import LocalTeacher
     from gdfo_ray.tasks import load_task
 
     config = tiny_config()

@@ -79,8 +79,8 @@ def remote_config(tiny_config, served, monkeypatch):
 
 def test_a_call_on_more_rows_than_the_service_takes_goes_in_pieces_with_the_local_logits(remote_config, tiny_config,
                                                                                          served):
-    from gdfo_ray.http_teacher import HttpTeacher
-    from gdfo_ray.local_teacher import LocalTeacher
+    from gdfo_ray.teachers.http import HttpTeacher
+    from gdfo_ray.teachers.local import LocalTeacher
     from gdfo_ray.tasks import load_task
 
     config = remote_config()

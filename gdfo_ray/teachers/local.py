@@ -1,6 +1,6 @@
 """A teacher run in-process: an HF masked or causal LM (what a local teacher-query actor hosts).
 
-Kept apart from :mod:`gdfo_ray.teacher` so that the pool and the service client
+Kept apart from :mod:`gdfo_ray.teachers` so that the pool and the service client
 import without torch: an actor that only waits on HTTP stays a small process.
 """
 
@@ -15,7 +15,7 @@ from gdfo_ray.config import GDFOConfig
 from gdfo_ray.losses import task_loss
 from gdfo_ray.models import DeepPrompts, build_prompted_lm, host_tensor, set_threads
 from gdfo_ray.tasks import TaskData
-from gdfo_ray.teacher import BaseTeacher, TeacherInfo
+from gdfo_ray.teachers.base import BaseTeacher, TeacherInfo
 
 
 class LocalTeacher(BaseTeacher):

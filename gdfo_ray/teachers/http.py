@@ -34,7 +34,7 @@ import requests
 from gdfo_ray.config import GDFOConfig
 from gdfo_ray.exceptions import TeacherError
 from gdfo_ray.tasks import TaskData
-from gdfo_ray.teacher import BaseTeacher, TeacherInfo
+from gdfo_ray.teachers.base import BaseTeacher, TeacherInfo
 from gdfo_ray.wire import WireError, decode_array, encode_array
 
 RETRY_STATUS = (429, 500, 502, 503, 504)

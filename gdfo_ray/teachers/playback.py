@@ -23,7 +23,7 @@ import numpy as np
 
 from gdfo_ray.config import RECORDING_SUFFIX
 from gdfo_ray.exceptions import TeacherError
-from gdfo_ray.teacher import BaseTeacher, TeacherInfo
+from gdfo_ray.teachers.base import BaseTeacher, TeacherInfo
 
 
 def _digest(array: np.ndarray) -> str:
