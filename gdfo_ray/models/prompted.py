@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -195,27 +195,36 @@ class PromptedLM(nn.Module):
 
     def _compute_prompt_kv(self, prompts: torch.Tensor, heads: list) -> tuple:
         """Keys and values of each prompt behind its template head, right-padded to the longest (k rows)."""
-        from transformers import DynamicCache
-
         n = prompts.shape[1]
         lengths = torch.as_tensor([len(h) + n for h in heads], device=self.device)
         width = int(lengths.max())
+
+        def inputs(start: int, stop: int) -> dict:
+            part = heads[start:stop]
+            ids, mask = self._padded([h + [self.pad_id] * n for h in part], width)
+            embeds = self.embeddings(ids)
+            at = torch.as_tensor([len(h) for h in part], device=self.device)[:, None] + torch.arange(
+                n, device=self.device)
+            owner = torch.arange(len(part), device=self.device)[:, None].expand(-1, n)
+            embeds = embeds.index_put((owner, at), prompts[start:stop].to(embeds.dtype))
+            return {"inputs_embeds": embeds, "attention_mask": mask}
+
+        return lengths, self._key_values(len(heads), inputs)
+
+    def _key_values(self, n_rows: int, inputs: "Callable[[int, int], dict]") -> list:
+        """Each layer's (keys, values) of ``n_rows`` rows, run ``max_rows`` at a time on ``inputs(start, stop)``."""
+        from transformers import DynamicCache
+
         tables: list = []
         with torch.no_grad():
-            for start in range(0, len(heads), self.max_rows):
-                part = heads[start:start + self.max_rows]
-                ids, mask = self._padded([h + [self.pad_id] * n for h in part], width)
-                embeds = self.embeddings(ids)
-                at = torch.as_tensor([len(h) for h in part], device=self.device)[:, None] + torch.arange(
-                    n, device=self.device)
-                owner = torch.arange(len(part), device=self.device)[:, None].expand(-1, n)
-                embeds = embeds.index_put((owner, at), prompts[start:start + len(part)].to(embeds.dtype))
+            for start in range(0, n_rows, self.max_rows):
+                # An encoder keeps no cache of its own (use_cache is for decoders), but fills one it is given.
                 cache = DynamicCache()
-                self.model.base_model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True)
+                self.model.base_model(**inputs(start, min(start + self.max_rows, n_rows)), past_key_values=cache,
+                                      use_cache=True)
                 tables.append([(layer.keys, layer.values) for layer in cache.layers])
-        layers = [(torch.cat([t[i][0] for t in tables]), torch.cat([t[i][1] for t in tables]))
-                  for i in range(len(tables[0]))]
-        return lengths, layers
+        return [(torch.cat([t[i][0] for t in tables]), torch.cat([t[i][1] for t in tables]))
+                for i in range(len(tables[0]))]
 
     def transformer_layers(self) -> nn.ModuleList:
         """The body's stack of layers, where deep prompts go in (Llama/Mistral/Qwen, BERT/RoBERTa, GPT-2)."""
@@ -317,22 +326,15 @@ class PromptedLM(nn.Module):
 
         The result is indexed by position in ``rows``.
         """
-        from transformers import DynamicCache
-
         before = enc.before if rows is None else [enc.before[r] for r in rows]
         lengths = torch.as_tensor([len(b) for b in before], device=self.device)
         width = int(lengths.max())
-        tables: list = []
-        with torch.no_grad():
-            for start in range(0, len(before), self.max_rows):
-                ids, mask = self._padded(before[start:start + self.max_rows], width)
-                # An encoder keeps no cache of its own (use_cache is for decoders), but fills one it is given.
-                cache = DynamicCache()
-                self.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-                tables.append([(layer.keys, layer.values) for layer in cache.layers])
-        layers = [(torch.cat([t[i][0] for t in tables]), torch.cat([t[i][1] for t in tables]))
-                  for i in range(len(tables[0]))]
-        return lengths, layers
+
+        def inputs(start: int, stop: int) -> dict:
+            ids, mask = self._padded(before[start:stop], width)
+            return {"input_ids": ids, "attention_mask": mask}
+
+        return lengths, self._key_values(len(before), inputs)
 
     def _forward_chunk_cached(self, prompts: torch.Tensor, rows: list, enc: EncodedSplit, prefix_kv,
                               deep: "torch.Tensor | None" = None, kv_rows: "np.ndarray | None" = None
