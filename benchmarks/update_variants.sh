@@ -8,7 +8,7 @@
 # (disjoint from the reporting seeds 13 21 42 87 100) on few-shot split 42, with the ladder's settings
 # (benchmarks/campaign_ladder.sh); `today` is today's update. The choice reads the best dev score each
 # cell reached (gdfo report's dev column); the test set is scored on 64 rows only and never read for it.
-# A variant becomes the default only if it beats `today` with gp.
+# A variant becomes the default only if it beats `today` with gp, by the rule benchmarks/update_choice.py prints.
 #   GDFO_DATA_DIR=/path/to/shared/data nice -n 19 bash benchmarks/update_variants.sh [ROOT] [STUDENTS...]
 set -euo pipefail
 ROOT=${1:-benchmarks/results/update-variants}
