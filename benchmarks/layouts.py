@@ -28,7 +28,8 @@ LAYOUTS = {
 }
 
 
-def answers(overrides: dict, dtype: str) -> np.ndarray:
+def answers(overrides: dict, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The manual prompt's answer on every test row, and the labels."""
     from gdfo_ray.api import run
     from gdfo_ray.config import GDFOConfig, build_config_dict
 

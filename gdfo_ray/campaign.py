@@ -133,8 +133,7 @@ def plan(campaign: CampaignConfig) -> list[Cell]:
         for seed in campaign.seeds:
             # Relative to the campaign directory, so that its results can move; run_cell resolves it.
             overrides = {**label_settings(label), "task.name": task, "seed": int(seed),
-                         "output_dir": os.path.join("runs", f"{task}_{label}_seed{seed}"),
-                         "pool.backend": "local", "pool.torch_threads": max(1, int(campaign.cell_cpus or 1))}
+                         "output_dir": os.path.join("runs", f"{task}_{label}_seed{seed}"), "pool.backend": "local"}
             if campaign.budget is not None:
                 overrides["search.budget_calls"] = campaign.budget
             assigned[seed] = _split_seed(campaign, base, task, seed, assigned)
@@ -420,9 +419,10 @@ def run_campaign(campaign: CampaignConfig, say: Callable[[str], None] = print) -
     t0 = time.time()
     with ray_session(campaign.ray_address):
         cpus = campaign.cell_cpus or cell_threads(largest_node_cpus())
-        say(f"[bench] {cpus:g} CPU(s) and {max(1, int(cpus))} torch thread(s) per cell"
+        threads = max(1, int(cpus))  # where it runs: not a setting of the cell's result (config.LOCATION_KEYS)
+        say(f"[bench] {cpus:g} CPU(s) and {threads} torch thread(s) per cell"
             + ("" if campaign.cell_cpus else " (cell_threads's rule)"))
-        calls = {cell.name: (apply_overrides(cell.config.to_dict(), {"pool.torch_threads": max(1, int(cpus))}),
+        calls = {cell.name: (apply_overrides(cell.config.to_dict(), {"pool.torch_threads": threads}),
                              campaign.results_dir, root) for cell in todo}
         from gdfo_ray.distributed.metrics import CampaignMetrics
 

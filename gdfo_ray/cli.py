@@ -8,8 +8,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from gdfo_ray.config import (METHODS, GDFOConfig, build_config_dict, flatten_config, parse_sets, read_config_file,
-                             resumed_config_dict, setting_differences)
+from gdfo_ray.config import (METHODS, GDFOConfig, build_config_dict, deep_merge, flatten_config, parse_sets,
+                             read_config_file, resumed_config_dict, setting_differences)
 from gdfo_ray.exceptions import GDFOError, ResumeError
 
 log = logging.getLogger("gdfo_ray")
@@ -87,7 +87,7 @@ def build_config(args: argparse.Namespace) -> GDFOConfig:
     overrides = {key: value for key, (value, _) in given.items()}
 
     def over(base: dict) -> GDFOConfig:
-        return GDFOConfig.from_dict(build_config_dict(args.config, overrides, sections=base))
+        return GDFOConfig.from_dict(build_config_dict(overrides=overrides, sections=deep_merge(base, data)))
 
     if not getattr(args, "resume", False):
         return over(GDFOConfig().to_dict())

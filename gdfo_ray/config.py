@@ -810,8 +810,8 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
 EVALUATION_ONLY_KEYS = ("task.max_test_examples",)
 
 # Settings added after runs were saved, with the value that reproduces what the code did before they existed.
-ADDED_SETTINGS: dict = {"model.record_answers": None, "model.max_tokens_per_forward": None, "task.max_text_chars": None, "student.text_cache": False,
-                        "student.gp_scale": 0.5, "student.gp_nugget": 0.01,
+ADDED_SETTINGS: dict = {"model.record_answers": None, "model.max_tokens_per_forward": None,
+                        "task.max_text_chars": None, "student.text_cache": False, "student.gp_scale": 0.5, "student.gp_nugget": 0.01,
                         "harmonize.gate": "rho", "harmonize.n_candidates": 1, "harmonize.mean_to_best": False,
                         "harmonize.warmup_steps": 0, "harmonize.keep_sigma": False, "harmonize.guided_share": 0.0,
                         "harmonize.guided_k": 1, "harmonize.guided_alpha": 0.5, "harmonize.adapt_eta": False}

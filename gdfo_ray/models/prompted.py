@@ -152,12 +152,7 @@ class PromptedLM(nn.Module):
         return torch.stack(out)
 
     def forward_shared(self, prompts: torch.Tensor, owner: np.ndarray, rows: np.ndarray, split: str) -> torch.Tensor:
-        """Scores of R rows where row i reads prompt ``owner[i]`` of ``prompts`` (k, n, h) -> (R, C)."""
-        return self.score_shared(prompts, owner, rows, self.encoded[split], prefix_kv=self._text_cache(split))
-
-    def score_shared(self, prompts: torch.Tensor, owner: np.ndarray, rows: np.ndarray, enc: EncodedSplit,
-                     prefix_kv=None) -> torch.Tensor:
-        """As :meth:`forward_shared`, on examples encoded elsewhere (a service's requests).
+        """Scores of R rows where row i reads prompt ``owner[i]`` of ``prompts`` (k, n, h) -> (R, C).
 
         In a causal LM the tokens before a row's text (the template's head and the prompt)
         do not see the text. When every row of a prompt has the same head, that prefix's
@@ -168,9 +163,23 @@ class PromptedLM(nn.Module):
         the prompt's last token, with no tokens of its own) takes the per-row path.
         """
         owner, rows = np.asarray(owner), np.asarray(rows)
-        heads = self._shared_heads(enc, owner, rows, len(prompts))
-        if heads is None or prompts.shape[1] == 0 or any(not enc.after[r] for r in rows):
-            return self.score(prompts[host_tensor(owner, prompts.device)], rows, enc, prefix_kv=prefix_kv)
+        heads = self._shared_heads(self.encoded[split], prompts, owner, rows)
+        if heads is None:
+            return self(prompts[host_tensor(owner, prompts.device)], rows, split)
+        return self._score_behind_prompts(prompts, heads, owner, rows, self.encoded[split])
+
+    def score_shared(self, prompts: torch.Tensor, owner: np.ndarray, rows: np.ndarray, enc: EncodedSplit
+                     ) -> torch.Tensor:
+        """As :meth:`forward_shared`, on examples encoded elsewhere (a service's requests)."""
+        owner, rows = np.asarray(owner), np.asarray(rows)
+        heads = self._shared_heads(enc, prompts, owner, rows)
+        if heads is None:
+            return self.score(prompts[host_tensor(owner, prompts.device)], rows, enc)
+        return self._score_behind_prompts(prompts, heads, owner, rows, enc)
+
+    def _score_behind_prompts(self, prompts: torch.Tensor, heads: list, owner: np.ndarray, rows: np.ndarray,
+                              enc: EncodedSplit) -> torch.Tensor:
+        """Each row's own tokens, attending to its prompt's states (computed here, once per prompt)."""
         prefix_kv = self._compute_prompt_kv(prompts, heads)
         none = prompts.new_zeros((1, 0, self.hidden_size))
         out = [None] * len(rows)
@@ -181,11 +190,15 @@ class PromptedLM(nn.Module):
                 out[i] = scores[j]
         return torch.stack(out)
 
-    def _shared_heads(self, enc: EncodedSplit, owner: np.ndarray, rows: np.ndarray, k: int) -> "list | None":
-        """Each prompt's template head (the ids before ``{prompt}``), or None where the rows of a prompt differ."""
-        if self.kind != "causal_lm" or self.separate_text:
+    def _shared_heads(self, enc: EncodedSplit, prompts: torch.Tensor, owner: np.ndarray, rows: np.ndarray
+                      ) -> "list | None":
+        """Each prompt's template head (the ids before ``{prompt}``), or None where the prompts' states cannot
+        be shared (see :meth:`forward_shared`)."""
+        if self.kind != "causal_lm" or self.separate_text or prompts.shape[1] == 0:
             return None
-        heads: list = [None] * k
+        if any(not enc.after[r] for r in rows):
+            return None
+        heads: list = [None] * len(prompts)
         for c, r in zip(owner.tolist(), rows.tolist()):
             if heads[c] is None:
                 heads[c] = enc.before[r]

@@ -47,7 +47,12 @@ class LocalTeacher(BaseTeacher):
             self._layer_std = tuple(self.lm.layer_input_std("train"))
         return TeacherInfo(self.name, self.lm.hidden_size, self.lm.embedding_std(),
                            self.lm.embeddings.weight.shape[0], self.lm.spec.n_classes,
-                           str(self.lm.embeddings.weight.dtype).replace("torch.", ""), layer_std=self._layer_std)
+                           self._dtype, layer_std=self._layer_std)
+
+    @property
+    def _dtype(self) -> str:
+        """The dtype the teacher computes in (``float32``, ``bfloat16``, ...)."""
+        return str(self.lm.embeddings.weight.dtype).replace("torch.", "")
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self.lm.embed_tokens(ids).float().cpu().numpy()
@@ -90,8 +95,7 @@ class LocalTeacher(BaseTeacher):
     def matmul_rate(self) -> Optional[float]:
         from gdfo_ray.machine import matmul_rate
 
-        weights = self.lm.embeddings.weight
-        return matmul_rate(str(weights.dtype).replace("torch.", ""), str(weights.device))
+        return matmul_rate(self._dtype, str(self.lm.device))
 
     def loss_and_grad(self, prompt: np.ndarray, split: str, example_ids: np.ndarray, labels: np.ndarray,
                       loss: str) -> tuple[float, np.ndarray]:
